@@ -1,0 +1,19 @@
+"""numpyro-ebm: train energy-based models by their cross-entropy with Jarzynski-weighted
+Langevin walkers (Carbone, Hua, Coste, Vanden-Eijnden, NeurIPS 2023)."""
+
+from numpyro_ebm import jarzynski_ula
+from numpyro_ebm.estimators import ce_estimate, ce_grad
+from numpyro_ebm.jarzynski_ula import JarzynskiInfo, JarzynskiState
+from numpyro_ebm.train import FitResult, fit
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "jarzynski_ula",
+    "JarzynskiState",
+    "JarzynskiInfo",
+    "ce_grad",
+    "ce_estimate",
+    "fit",
+    "FitResult",
+]

@@ -1,0 +1,419 @@
+r"""Jarzynski-weighted unadjusted Langevin walkers, as a BlackJAX SMC kernel.
+
+This is Algorithm 1 of Carbone, Hua, Coste and Vanden-Eijnden, *Efficient Training of
+Energy-Based Models Using Jarzynski Equality* (NeurIPS 2023), written as a BlackJAX
+kernel: ``init``, ``build_kernel`` and ``as_top_level_api`` over a ``JarzynskiState``.
+
+The model is :math:`\rho_\theta(x) = e^{-U_\theta(x)} / Z_\theta`. Walkers :math:`X^i`
+carry log weights :math:`A^i`. One kernel call takes the walkers, weighted for
+:math:`\theta_k`, to walkers weighted for :math:`\theta_{k+1}`:
+
+1. ULA move under :math:`\theta_k` (the gradient is cached in the state, so no new
+   evaluation is needed):
+
+   .. math:: X' = X - h \nabla U_k(X) + \sqrt{2h}\,\xi, \qquad \xi \sim N(0, I).
+
+2. One evaluation of :math:`U_{k+1}` and :math:`\nabla U_{k+1}` at :math:`X'` (cached for
+   the next move) and the Jarzynski weight update
+
+   .. math::
+
+      A' = A + \alpha_k(X, X') - \alpha_{k+1}(X', X), \qquad
+      \alpha_k(x, y) = U_k(x) + \tfrac12 (y - x)\cdot\nabla U_k(x)
+                       + \tfrac{h}{4} |\nabla U_k(x)|^2 .
+
+   :math:`\alpha_k(X, X') - \alpha_{k+1}(X', X)` is exactly
+   :math:`\log[e^{-U_{k+1}(X')} q_{k+1}(X' \to X)] - \log[e^{-U_k(X)} q_k(X \to X')]`
+   with :math:`q_k` the ULA transition density under :math:`\theta_k`; at fixed
+   :math:`\theta` it is the log Metropolis ratio of MALA, which is why the weights remove
+   ULA's discretisation bias.
+3. With :math:`w = \mathrm{softmax}(A)`, :math:`\sum_i w_i f(X^i)` estimates
+   :math:`E_{\rho_{\theta_{k+1}}}[f]`, and the Jarzynski equality gives
+   :math:`\log \tfrac1N \sum_i e^{A^i} \approx \log Z_{\theta_{k+1}} / Z_{\theta_0}`.
+4. When :math:`\mathrm{ESS}/N` drops below ``ess_threshold`` the walkers are resampled
+   (BlackJAX's resampling functions) and the weights reset to equal; the log-normaliser
+   estimate is carried across.
+
+With ``num_steps > 1`` the further moves use :math:`\theta_{k+1}` on both sides (steps 1-2
+at fixed parameters), then step 4 runs once.
+
+Storage convention: ``log_weights`` are kept normalised (``logsumexp(log_weights) == 0``,
+so ``exp(log_weights)`` are the weights :math:`w_i`), and the normalisation constant that
+is removed at each update is accumulated in ``log_normalizer``. Together they hold the
+same information as the raw :math:`A^i` (:math:`A^i = \log w_i + \log N +`
+``log_normalizer``) without letting the raw values drift over a long run.
+
+Potentials: ``potential_fn(params, x)`` returns the energy of ONE sample ``x`` (an array
+or a pytree); it is vmapped over the leading (walker) axis of ``particles``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from blackjax.base import SamplingAlgorithm
+from blackjax.smc import resampling
+from blackjax.smc.ess import log_ess
+from jax.scipy.special import logsumexp
+
+from numpyro_ebm import _checks
+
+__all__ = [
+    "JarzynskiState",
+    "JarzynskiInfo",
+    "init",
+    "build_kernel",
+    "as_top_level_api",
+    "potential_and_grad",
+    "log_weight_increment",
+    "ula_proposal",
+]
+
+ArrayTree = Any
+PotentialFn = Callable[[ArrayTree, ArrayTree], jax.Array]
+
+
+class JarzynskiState(NamedTuple):
+    """State of the Jarzynski-weighted walkers.
+
+    particles
+        Walker positions, a pytree whose leaves have the walker axis first.
+    log_weights
+        Normalised log weights, shape ``(num_walkers,)``: ``logsumexp == 0``.
+    params
+        The parameters :math:`\\theta` the walkers are weighted for.
+    potential
+        :math:`U_\\theta` at the particles, shape ``(num_walkers,)`` (cached).
+    grad
+        :math:`\\nabla_x U_\\theta` at the particles, shaped like ``particles`` (cached).
+    log_normalizer
+        Running Jarzynski estimate of :math:`\\log Z_\\theta - \\log Z_{\\theta_0}`.
+    """
+
+    particles: ArrayTree
+    log_weights: jax.Array
+    params: ArrayTree
+    potential: jax.Array
+    grad: ArrayTree
+    log_normalizer: jax.Array
+
+
+class JarzynskiInfo(NamedTuple):
+    """What one kernel call did.
+
+    ess
+        Effective sample size (in walkers) after the weight update, before resampling.
+    resampled
+        Whether the walkers were resampled.
+    ancestors
+        Index of each new walker's parent (``arange(N)`` when not resampled).
+    log_normalizer_increment
+        Change of the log-normaliser estimate, :math:`\\log \\sum_i w_i e^{\\Delta A^i}`
+        summed over the call's moves.
+    log_weight_increments
+        :math:`\\Delta A^i`, summed over the call's moves, per walker (before resampling).
+    """
+
+    ess: jax.Array
+    resampled: jax.Array
+    ancestors: jax.Array
+    log_normalizer_increment: jax.Array
+    log_weight_increments: jax.Array
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------
+
+
+def potential_and_grad(
+    potential_fn: PotentialFn, params: ArrayTree, particles: ArrayTree
+) -> tuple[jax.Array, ArrayTree]:
+    """:math:`U_\\theta(X^i)` and :math:`\\nabla_x U_\\theta(X^i)` for every walker: ONE
+    vmapped forward/backward evaluation of ``potential_fn``."""
+    return jax.vmap(jax.value_and_grad(potential_fn, argnums=1), in_axes=(None, 0))(
+        params, particles
+    )
+
+
+def _per_walker_dot(a: ArrayTree, b: ArrayTree) -> jax.Array:
+    """:math:`a^i \\cdot b^i` for every walker ``i`` (sum over all non-walker axes)."""
+    parts = [
+        jnp.sum((la * lb).reshape(la.shape[0], -1), axis=1)
+        for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    ]
+    return sum(parts[1:], parts[0])
+
+
+def _alpha(
+    potential: jax.Array, grad: ArrayTree, x: ArrayTree, y: ArrayTree, step_size: jax.Array
+) -> jax.Array:
+    """:math:`\\alpha(x, y) = U(x) + \\tfrac12 (y - x)\\cdot\\nabla U(x) + \\tfrac h4 |\\nabla U(x)|^2`."""
+    diff = jax.tree.map(jnp.subtract, y, x)
+    return potential + 0.5 * _per_walker_dot(diff, grad) + 0.25 * step_size * _per_walker_dot(
+        grad, grad
+    )
+
+
+def log_weight_increment(
+    potential: jax.Array,
+    grad: ArrayTree,
+    particles: ArrayTree,
+    new_potential: jax.Array,
+    new_grad: ArrayTree,
+    new_particles: ArrayTree,
+    step_size: jax.Array,
+) -> jax.Array:
+    """Jarzynski increment :math:`\\Delta A = \\alpha_k(X, X') - \\alpha_{k+1}(X', X)`.
+
+    ``potential``/``grad`` are :math:`U_k, \\nabla U_k` at ``particles`` :math:`X`;
+    ``new_potential``/``new_grad`` are :math:`U_{k+1}, \\nabla U_{k+1}` at
+    ``new_particles`` :math:`X'`. Shape ``(num_walkers,)``.
+    """
+    forward = _alpha(potential, grad, particles, new_particles, step_size)
+    backward = _alpha(new_potential, new_grad, new_particles, particles, step_size)
+    return forward - backward
+
+
+def ula_proposal(
+    rng_key: jax.Array, particles: ArrayTree, grad: ArrayTree, step_size: jax.Array
+) -> ArrayTree:
+    """One unadjusted Langevin move :math:`X' = X - h\\nabla U(X) + \\sqrt{2h}\\,\\xi`."""
+    leaves, treedef = jax.tree.flatten(particles)
+    keys = jax.random.split(rng_key, len(leaves))
+    noise = [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+    noise = jax.tree.unflatten(treedef, noise)
+    return jax.tree.map(
+        lambda x, g, xi: x - step_size * g + jnp.sqrt(2.0 * step_size) * xi,
+        particles,
+        grad,
+        noise,
+    )
+
+
+def _num_walkers(state: JarzynskiState) -> int:
+    return state.log_weights.shape[0]
+
+
+def _uniform_log_weights(n: int, dtype: Any) -> jax.Array:
+    return jnp.full((n,), -jnp.log(jnp.asarray(n, dtype)), dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# BlackJAX interface
+# ---------------------------------------------------------------------------------------
+
+
+def init(particles: ArrayTree, params: ArrayTree, potential_fn: PotentialFn) -> JarzynskiState:
+    """Walkers with equal weights for ``params`` (they should be draws from
+    :math:`\\rho_\\theta`); evaluates :math:`U_\\theta` and :math:`\\nabla_x U_\\theta` once per
+    walker and sets the log-normaliser estimate to 0."""
+    n = _checks.leading_size("particles", particles)
+    if n < 2:
+        raise ValueError(f"`particles` must hold at least 2 walkers, got {n}")
+    _checks.check_finite_tree("particles", particles)
+    _checks.check_scalar_potential(
+        potential_fn, params, jax.tree.map(lambda leaf: leaf[0], particles)
+    )
+    potential, grad = potential_and_grad(potential_fn, params, particles)
+    dtype = potential.dtype
+    return JarzynskiState(
+        particles=particles,
+        log_weights=_uniform_log_weights(n, dtype),
+        params=params,
+        potential=potential,
+        grad=grad,
+        log_normalizer=jnp.zeros((), dtype),
+    )
+
+
+def _move(
+    rng_key: jax.Array,
+    state: JarzynskiState,
+    params: ArrayTree,
+    potential_fn: PotentialFn,
+    step_size: jax.Array,
+    reweight: bool,
+) -> tuple[JarzynskiState, jax.Array, jax.Array]:
+    """One ULA move under ``state.params`` followed by re-weighting to ``params``."""
+    new_particles = ula_proposal(rng_key, state.particles, state.grad, step_size)
+    new_potential, new_grad = potential_and_grad(potential_fn, params, new_particles)
+    if reweight:
+        delta = log_weight_increment(
+            state.potential,
+            state.grad,
+            state.particles,
+            new_potential,
+            new_grad,
+            new_particles,
+            step_size,
+        )
+        unnormalised = state.log_weights + delta
+        increment = logsumexp(unnormalised)
+        log_weights = unnormalised - increment
+    else:
+        delta = jnp.zeros_like(state.log_weights)
+        increment = jnp.zeros_like(state.log_normalizer)
+        log_weights = state.log_weights
+    new_state = JarzynskiState(
+        particles=new_particles,
+        log_weights=log_weights,
+        params=params,
+        potential=new_potential,
+        grad=new_grad,
+        log_normalizer=state.log_normalizer + increment,
+    )
+    return new_state, delta, increment
+
+
+def _maybe_resample(
+    rng_key: jax.Array,
+    state: JarzynskiState,
+    resampling_fn: Callable,
+    ess_threshold: float,
+) -> tuple[JarzynskiState, jax.Array, jax.Array, jax.Array]:
+    n = _num_walkers(state)
+    ess = jnp.exp(log_ess(state.log_weights))
+    do_resample = ess < ess_threshold * n
+
+    def resample(_):
+        idx = resampling_fn(rng_key, jnp.exp(state.log_weights), n)
+        take = lambda tree: jax.tree.map(lambda leaf: leaf[idx], tree)  # noqa: E731
+        new = state._replace(
+            particles=take(state.particles),
+            potential=state.potential[idx],
+            grad=take(state.grad),
+            log_weights=_uniform_log_weights(n, state.log_weights.dtype),
+        )
+        return new, idx.astype(jnp.int32)
+
+    def keep(_):
+        return state, jnp.arange(n, dtype=jnp.int32)
+
+    new_state, ancestors = jax.lax.cond(do_resample, resample, keep, None)
+    return new_state, ess, do_resample, ancestors
+
+
+def _build_kernel(
+    potential_fn: PotentialFn,
+    step_size: float,
+    resampling_fn: Callable,
+    ess_threshold: float,
+    num_steps: int,
+    reweight: bool,
+) -> Callable:
+    """The kernel; ``reweight=False`` gives plain (unweighted) ULA walkers, as PCD uses."""
+    default_step_size = step_size
+
+    def kernel(
+        rng_key: jax.Array,
+        state: JarzynskiState,
+        params: ArrayTree | None = None,
+        step_size: jax.Array | float | None = None,
+    ) -> tuple[JarzynskiState, JarzynskiInfo]:
+        params = state.params if params is None else params
+        h = default_step_size if step_size is None else step_size
+        h = jnp.asarray(h, state.potential.dtype)
+        move_key, resample_key = jax.random.split(rng_key)
+
+        def one_move(carry, key):
+            st, delta_sum = carry
+            st, delta, increment = _move(key, st, params, potential_fn, h, reweight)
+            return (st, delta_sum + delta), increment
+
+        (state, delta_sum), increments = jax.lax.scan(
+            one_move,
+            (state, jnp.zeros_like(state.log_weights)),
+            jax.random.split(move_key, num_steps),
+        )
+        if reweight:
+            state, ess, resampled, ancestors = _maybe_resample(
+                resample_key, state, resampling_fn, ess_threshold
+            )
+        else:
+            n = _num_walkers(state)
+            ess = jnp.asarray(n, state.log_weights.dtype)
+            resampled = jnp.asarray(False)
+            ancestors = jnp.arange(n, dtype=jnp.int32)
+        info = JarzynskiInfo(
+            ess=ess,
+            resampled=resampled,
+            ancestors=ancestors,
+            log_normalizer_increment=jnp.sum(increments),
+            log_weight_increments=delta_sum,
+        )
+        return state, info
+
+    return kernel
+
+
+def build_kernel(
+    potential_fn: PotentialFn,
+    step_size: float,
+    resampling_fn: Callable = resampling.systematic,
+    ess_threshold: float = 0.5,
+    num_steps: int = 1,
+) -> Callable:
+    """Build the Jarzynski-weighted ULA kernel.
+
+    Parameters
+    ----------
+    potential_fn
+        ``potential_fn(params, x) -> scalar``, the energy :math:`U_\\theta(x)` of one sample.
+    step_size
+        ULA step size :math:`h > 0`.
+    resampling_fn
+        A BlackJAX resampling function ``(rng_key, weights, num_samples) -> indices``.
+    ess_threshold
+        Resample when :math:`\\mathrm{ESS}/N` falls below this value, in (0, 1].
+    num_steps
+        ULA moves per call; the first re-weights :math:`\\theta_k \\to \\theta_{k+1}`, the
+        others run at :math:`\\theta_{k+1}`.
+
+    Returns
+    -------
+    ``kernel(rng_key, state, params=None, step_size=None) -> (JarzynskiState, JarzynskiInfo)``.
+    ``params`` is :math:`\\theta_{k+1}` (``None`` keeps ``state.params``); ``step_size``
+    overrides the default for this call (e.g. from an adaptation scheme).
+    """
+    _checks.check_positive("step_size", step_size)
+    _checks.check_fraction("ess_threshold", ess_threshold)
+    num_steps = _checks.check_int_at_least("num_steps", num_steps, 1)
+    if not callable(resampling_fn):
+        raise TypeError("`resampling_fn` must be callable (rng_key, weights, num_samples)")
+    return _build_kernel(
+        potential_fn, step_size, resampling_fn, ess_threshold, num_steps, reweight=True
+    )
+
+
+def as_top_level_api(
+    potential_fn: PotentialFn,
+    params: ArrayTree,
+    step_size: float,
+    resampling_fn: Callable = resampling.systematic,
+    ess_threshold: float = 0.5,
+    num_steps: int = 1,
+) -> SamplingAlgorithm:
+    """Jarzynski-weighted ULA as a ``blackjax.SamplingAlgorithm``.
+
+    ``init(position, rng_key=None)`` weights the walkers ``position`` equally for
+    ``params``; ``step(rng_key, state, params=None)`` runs one kernel call. Called with
+    ``params=None`` at every step it samples the fixed EBM :math:`\\rho_\\theta`, and the
+    weighted walkers are free of ULA's discretisation bias. Works with
+    ``blackjax.util.run_inference_algorithm``.
+    """
+    kernel = build_kernel(potential_fn, step_size, resampling_fn, ess_threshold, num_steps)
+
+    def init_fn(position: ArrayTree, rng_key: jax.Array | None = None) -> JarzynskiState:
+        del rng_key
+        return init(position, params, potential_fn)
+
+    def step_fn(
+        rng_key: jax.Array, state: JarzynskiState, params: ArrayTree | None = None
+    ) -> tuple[JarzynskiState, JarzynskiInfo]:
+        return kernel(rng_key, state, params)
+
+    return SamplingAlgorithm(init_fn, step_fn)

@@ -1,0 +1,272 @@
+r"""Training an EBM by its cross-entropy: Jarzynski, PCD and CD on one code path.
+
+One iteration :math:`k` (everything inside one jitted ``lax.scan`` over a chunk of
+iterations):
+
+1. ``ce_value_and_grad`` at :math:`\theta_k`: data (mini)batch term minus the walkers'
+   weighted term, :math:`D_k = E_{\text{data}}[\nabla_\theta U_k] - \sum_i w_i \nabla_\theta U_k(X^i)`;
+2. optax update :math:`\theta_{k+1} = \theta_k + \text{optimizer}(D_k)`;
+3. kernel call: ULA move under :math:`\theta_k`, one energy evaluation at
+   :math:`\theta_{k+1}`, Jarzynski weight update, resampling when the ESS is low;
+4. a trace row.
+
+The methods differ only in step 3:
+
+* ``"jarzynski"``: weighted walkers (:mod:`numpyro_ebm.jarzynski_ula`);
+* ``"pcd"``: the same walkers and moves, weights kept equal (persistent contrastive
+  divergence);
+* ``"cd"``: as PCD, but the walkers restart from random data points every
+  ``cd_restart_every`` iterations (contrastive divergence).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from blackjax.smc import resampling
+
+from numpyro_ebm import _checks
+from numpyro_ebm.estimators import ce_value_and_grad
+from numpyro_ebm.jarzynski_ula import JarzynskiState, PotentialFn, _build_kernel, init
+
+__all__ = ["fit", "FitResult", "METHODS"]
+
+METHODS = ("jarzynski", "pcd", "cd")
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns.
+
+    params
+        :math:`\\theta_K` after ``num_iterations`` iterations.
+    state
+        The final :class:`~numpyro_ebm.jarzynski_ula.JarzynskiState` (walkers weighted for
+        :math:`\\theta_K`; equal weights for PCD and CD).
+    trace
+        ``dict`` of NumPy arrays with the iteration axis first. Row ``k`` holds, at
+        :math:`\\theta_k` (start of iteration ``k``): ``grad_norm`` (global norm of
+        :math:`D_k`), ``data_energy`` (mean :math:`U_{\\theta_k}` over the batch) and, for
+        ``"jarzynski"``, ``log_normalizer`` (:math:`\\widehat{\\log Z_{\\theta_k}/Z_{\\theta_0}}`)
+        and ``cross_entropy`` (when ``log_z0`` is given); from the move
+        :math:`\\theta_k \\to \\theta_{k+1}`: ``ess`` and ``resampled`` (``"jarzynski"``
+        only). ``extra`` holds what ``trace_fn(params, state)`` returned at
+        :math:`\\theta_k`, when given. Fields that do not apply to a method are absent.
+    opt_state
+        The optimiser state after the last update.
+    method
+        The training method.
+    """
+
+    params: Any
+    state: JarzynskiState
+    trace: dict[str, Any]
+    opt_state: Any
+    method: str
+
+
+def _take(tree: Any, idx: jax.Array) -> Any:
+    return jax.tree.map(lambda leaf: leaf[idx], tree)
+
+
+def _validate(
+    potential_fn, params, data, optimizer, method, num_walkers, step_size, num_iterations,
+    batch_size, log_z0, ess_threshold, num_steps, cd_restart_every, chunk_size,
+) -> int:
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError("`optimizer` must be an optax.GradientTransformation (init/update)")
+    if not callable(potential_fn):
+        raise TypeError("`potential_fn` must be callable: potential_fn(params, x) -> scalar")
+    _checks.check_int_at_least("num_walkers", num_walkers, 2)
+    _checks.check_int_at_least("num_iterations", num_iterations, 1)
+    _checks.check_int_at_least("num_steps", num_steps, 1)
+    _checks.check_int_at_least("cd_restart_every", cd_restart_every, 1)
+    if chunk_size is not None:
+        _checks.check_int_at_least("chunk_size", chunk_size, 1)
+    _checks.check_positive("step_size", step_size)
+    _checks.check_fraction("ess_threshold", ess_threshold)
+    num_data = _checks.leading_size("data", data)
+    _checks.check_finite_tree("data", data)
+    if batch_size is not None:
+        _checks.check_int_at_least("batch_size", batch_size, 1)
+        if batch_size > num_data:
+            raise ValueError(
+                f"`batch_size` ({batch_size}) exceeds the number of data points ({num_data})"
+            )
+    if log_z0 is not None and not math.isfinite(float(log_z0)):
+        raise ValueError(f"`log_z0` must be finite, got {log_z0}")
+    _checks.check_finite_tree("params", params)
+    _checks.check_scalar_potential(potential_fn, params, _take(data, 0))
+    return num_data
+
+
+def fit(
+    potential_fn: PotentialFn,
+    params: Any,
+    data: Any,
+    *,
+    optimizer: optax.GradientTransformation,
+    method: str = "jarzynski",
+    num_walkers: int,
+    step_size: float,
+    num_iterations: int,
+    rng_key: jax.Array,
+    init_particles: Any = None,
+    batch_size: int | None = None,
+    log_z0: float | None = None,
+    resampling_fn: Callable = resampling.systematic,
+    ess_threshold: float = 0.5,
+    num_steps: int = 1,
+    cd_restart_every: int = 1,
+    trace_fn: Callable[[Any, JarzynskiState], Any] | None = None,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> FitResult:
+    """Train ``potential_fn`` on ``data`` by its cross-entropy.
+
+    Parameters
+    ----------
+    potential_fn
+        ``potential_fn(params, x) -> scalar``: energy :math:`U_\\theta(x)` of one sample.
+    params
+        Initial parameters :math:`\\theta_0` (a pytree).
+    data
+        Training data with the sample axis first (an array or a pytree of arrays).
+    optimizer
+        An ``optax.GradientTransformation``; it is fed the cross-entropy gradient.
+    method
+        ``"jarzynski"`` (weighted walkers), ``"pcd"`` or ``"cd"``.
+    num_walkers
+        Number of walkers :math:`N \\ge 2`.
+    step_size
+        ULA step size :math:`h > 0`.
+    num_iterations
+        Number of training iterations.
+    rng_key
+        PRNG key. It is split into an initialisation key and a loop key; iteration ``k``
+        uses ``jax.random.fold_in(loop_key, k)``, so results do not depend on
+        ``chunk_size``.
+    init_particles
+        Initial walkers, shape ``(num_walkers, *data.shape[1:])``, or a callable
+        ``(rng_key, num_walkers) -> particles``. For ``"jarzynski"`` they must be draws
+        from the initial model :math:`\\rho_{\\theta_0}` (the weights start equal). Default:
+        standard normal draws for ``"jarzynski"``/``"pcd"`` (right only when
+        :math:`\\rho_{\\theta_0}` is close to :math:`N(0, I)`), random data points for
+        ``"cd"``.
+    batch_size
+        Data minibatch size per iteration (``None``: the whole data set).
+    log_z0
+        :math:`\\log Z_{\\theta_0}`; when given, the trace holds the cross-entropy estimate.
+    resampling_fn, ess_threshold, num_steps
+        As in :func:`numpyro_ebm.jarzynski_ula.build_kernel`.
+    cd_restart_every
+        For ``"cd"``: restart the walkers from data every this many iterations.
+    trace_fn
+        Optional ``trace_fn(params, state) -> pytree`` recorded per iteration (at
+        :math:`\\theta_k`) under ``trace["extra"]``.
+    chunk_size
+        Iterations per jitted ``lax.scan`` chunk (default ``min(num_iterations, 250)``);
+        progress is reported between chunks.
+    progress
+        Show a progress bar (tqdm), updated per chunk.
+    """
+    num_data = _validate(
+        potential_fn, params, data, optimizer, method, num_walkers, step_size, num_iterations,
+        batch_size, log_z0, ess_threshold, num_steps, cd_restart_every, chunk_size,
+    )
+    weighted = method == "jarzynski"
+    init_key, loop_key = jax.random.split(rng_key)
+    if init_particles is None:
+        if method == "cd":
+            idx = jax.random.randint(init_key, (num_walkers,), 0, num_data)
+            init_particles = _take(data, idx)
+        else:
+            init_particles = jax.tree.map(
+                lambda leaf: jax.random.normal(
+                    init_key, (num_walkers, *leaf.shape[1:]), leaf.dtype
+                ),
+                data,
+            )
+    elif callable(init_particles):
+        init_particles = init_particles(init_key, num_walkers)
+    n_init = _checks.leading_size("init_particles", init_particles)
+    if n_init != num_walkers:
+        raise ValueError(
+            f"`init_particles` holds {n_init} walkers but `num_walkers` is {num_walkers}"
+        )
+    _checks.check_same_event_shape("init_particles", init_particles, "data", data)
+    state = init(init_particles, params, potential_fn)
+    opt_state = optimizer.init(params)
+
+    kernel = _build_kernel(
+        potential_fn, step_size, resampling_fn, ess_threshold, num_steps, reweight=weighted
+    )
+
+    def one_iteration(carry, iteration):
+        params, opt_state, state = carry
+        key = jax.random.fold_in(loop_key, iteration)
+        batch_key, move_key, restart_key = jax.random.split(key, 3)
+        if batch_size is None:
+            batch = data
+        else:
+            batch = _take(data, jax.random.choice(batch_key, num_data, (batch_size,), False))
+        data_energy, grads = ce_value_and_grad(potential_fn, params, batch, state)
+        row = {"grad_norm": optax.global_norm(grads), "data_energy": data_energy}
+        if weighted:
+            row["log_normalizer"] = state.log_normalizer
+            if log_z0 is not None:
+                row["cross_entropy"] = data_energy + log_z0 + state.log_normalizer
+        if trace_fn is not None:
+            row["extra"] = trace_fn(params, state)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if method == "cd":
+            restart = iteration % cd_restart_every == 0
+
+            def from_data(_):
+                idx = jax.random.randint(restart_key, (num_walkers,), 0, num_data)
+                return init(_take(data, idx), new_params, potential_fn)
+
+            state = jax.lax.cond(restart, from_data, lambda _: state, None)
+        state, info = kernel(move_key, state, new_params)
+        if weighted:
+            row["ess"] = info.ess
+            row["resampled"] = info.resampled
+        return (new_params, opt_state, state), row
+
+    @partial(jax.jit, static_argnums=(2,))
+    def run_chunk(carry, start, length):
+        iterations = start + jnp.arange(length)
+        return jax.lax.scan(one_iteration, carry, iterations)
+
+    chunk = min(num_iterations, chunk_size or 250)
+    carry = (params, opt_state, state)
+    rows = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_iterations, desc=f"fit[{method}]", unit="it")
+    start = 0
+    try:
+        while start < num_iterations:
+            length = min(chunk, num_iterations - start)
+            carry, chunk_rows = run_chunk(carry, jnp.asarray(start), length)
+            rows.append(jax.device_get(chunk_rows))
+            start += length
+            if bar is not None:
+                bar.update(length)
+    finally:
+        if bar is not None:
+            bar.close()
+    trace = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *rows)
+    params, opt_state, state = carry
+    return FitResult(params=params, state=state, trace=trace, opt_state=opt_state, method=method)
