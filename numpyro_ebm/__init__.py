@@ -1,7 +1,8 @@
 """numpyro-ebm: train energy-based models by their cross-entropy with Jarzynski-weighted
 Langevin walkers (Carbone, Hua, Coste, Vanden-Eijnden, NeurIPS 2023)."""
 
-from numpyro_ebm import jarzynski_ula
+from numpyro_ebm import jarzynski_ula, potentials
+from numpyro_ebm.distributions import EnergyBased, energy_based_from_fit
 from numpyro_ebm.estimators import ce_estimate, ce_grad
 from numpyro_ebm.jarzynski_ula import JarzynskiInfo, JarzynskiState
 from numpyro_ebm.train import FitResult, fit
@@ -10,6 +11,9 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "jarzynski_ula",
+    "potentials",
+    "EnergyBased",
+    "energy_based_from_fit",
     "JarzynskiState",
     "JarzynskiInfo",
     "ce_grad",

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 from blackjax.base import SamplingAlgorithm
 from blackjax.smc import resampling
 from blackjax.smc.ess import log_ess
+from blackjax.smc.solver import dichotomy
 from jax.scipy.special import logsumexp
 
 from numpyro_ebm import _checks
@@ -64,8 +65,10 @@ from numpyro_ebm import _checks
 __all__ = [
     "JarzynskiState",
     "JarzynskiInfo",
+    "AdaptiveJarzynskiInfo",
     "init",
     "build_kernel",
+    "build_adaptive_kernel",
     "as_top_level_api",
     "potential_and_grad",
     "log_weight_increment",
@@ -184,7 +187,7 @@ def ula_proposal(
     """One unadjusted Langevin move :math:`X' = X - h\\nabla U(X) + \\sqrt{2h}\\,\\xi`."""
     leaves, treedef = jax.tree.flatten(particles)
     keys = jax.random.split(rng_key, len(leaves))
-    noise = [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+    noise = [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves, strict=True)]
     noise = jax.tree.unflatten(treedef, noise)
     return jax.tree.map(
         lambda x, g, xi: x - step_size * g + jnp.sqrt(2.0 * step_size) * xi,
@@ -230,17 +233,18 @@ def init(particles: ArrayTree, params: ArrayTree, potential_fn: PotentialFn) -> 
     )
 
 
-def _move(
-    rng_key: jax.Array,
+def _reweight(
     state: JarzynskiState,
+    new_particles: ArrayTree,
+    new_potential: jax.Array,
+    new_grad: ArrayTree,
     params: ArrayTree,
-    potential_fn: PotentialFn,
     step_size: jax.Array,
-    reweight: bool,
+    reweight: bool = True,
 ) -> tuple[JarzynskiState, jax.Array, jax.Array]:
-    """One ULA move under ``state.params`` followed by re-weighting to ``params``."""
-    new_particles = ula_proposal(rng_key, state.particles, state.grad, step_size)
-    new_potential, new_grad = potential_and_grad(potential_fn, params, new_particles)
+    """The state after the move ``state.particles -> new_particles`` (with
+    :math:`U_{k+1}, \\nabla U_{k+1}` at the new walkers given): Jarzynski weight update,
+    normalisation, and the log-normaliser increment :math:`\\log\\sum_i w_i e^{\\Delta A^i}`."""
     if reweight:
         delta = log_weight_increment(
             state.potential,
@@ -267,6 +271,20 @@ def _move(
         log_normalizer=state.log_normalizer + increment,
     )
     return new_state, delta, increment
+
+
+def _move(
+    rng_key: jax.Array,
+    state: JarzynskiState,
+    params: ArrayTree,
+    potential_fn: PotentialFn,
+    step_size: jax.Array,
+    reweight: bool,
+) -> tuple[JarzynskiState, jax.Array, jax.Array]:
+    """One ULA move under ``state.params`` followed by re-weighting to ``params``."""
+    new_particles = ula_proposal(rng_key, state.particles, state.grad, step_size)
+    new_potential, new_grad = potential_and_grad(potential_fn, params, new_particles)
+    return _reweight(state, new_particles, new_potential, new_grad, params, step_size, reweight)
 
 
 def _maybe_resample(
@@ -417,3 +435,266 @@ def as_top_level_api(
         return kernel(rng_key, state, params)
 
     return SamplingAlgorithm(init_fn, step_fn)
+
+
+# ---------------------------------------------------------------------------------------
+# Adaptive schedule: ESS-controlled sub-steps along the parameter path
+# ---------------------------------------------------------------------------------------
+
+
+class AdaptiveJarzynskiInfo(NamedTuple):
+    """What one adaptive kernel call did (fields of :class:`JarzynskiInfo`, plus the
+    sub-step record).
+
+    ess
+        ESS (in walkers) after the last sub-step's weight update, before its resampling.
+    resampled
+        Whether the walkers were resampled in any sub-step.
+    ancestors
+        Index of each final walker's ancestor at the start of the call (composed over
+        sub-steps).
+    log_normalizer_increment
+        Change of the log-normaliser estimate over the whole call.
+    log_weight_increments
+        :math:`\\Delta A^i` of the last sub-step.
+    num_substeps
+        Number of sub-steps taken (1 when the whole step kept the ESS above target).
+    min_ess
+        Smallest ESS after any sub-step's weight update (before its resampling).
+    min_conditional_ess
+        Smallest realised conditional ESS fraction (:func:`conditional_log_ess`) of the
+        parameter moves, the quantity the sub-steps hold at ``target_ess`` or above.
+    num_resampled
+        Number of sub-steps that resampled.
+    num_evaluations
+        Potential evaluations (value and gradient) per walker made by the call.
+    """
+
+    ess: jax.Array
+    resampled: jax.Array
+    ancestors: jax.Array
+    log_normalizer_increment: jax.Array
+    log_weight_increments: jax.Array
+    num_substeps: jax.Array
+    min_ess: jax.Array
+    min_conditional_ess: jax.Array
+    num_resampled: jax.Array
+    num_evaluations: jax.Array
+
+
+def conditional_log_ess(log_weights: jax.Array, increments: jax.Array) -> jax.Array:
+    """Log of the conditional ESS fraction
+    :math:`\\mathrm{CESS}/N = (\\sum_i w_i e^{s_i})^2 / \\sum_i w_i e^{2 s_i} \\in (0, 1]`
+    of re-weighting normalised weights ``w = exp(log_weights)`` by ``exp(increments)``
+    (Zhou, Johansen and Aston 2016). It is 1 when the increments are equal and does not
+    depend on how degenerate ``w`` already is, so it measures the damage of one step."""
+    return 2 * logsumexp(log_weights + increments) - logsumexp(log_weights + 2 * increments)
+
+
+def build_adaptive_kernel(
+    potential_fn: PotentialFn,
+    step_size: float,
+    target_ess: float = 0.5,
+    max_substeps: int = 10,
+    resampling_fn: Callable = resampling.systematic,
+    ess_threshold: float = 0.5,
+    num_steps: int = 1,
+    max_backtracks: int = 6,
+) -> Callable:
+    """Jarzynski kernel that splits a large parameter move into ESS-controlled sub-steps.
+
+    The move :math:`\\theta_k \\to \\theta_{k+1}` follows the straight path
+    :math:`\\theta(\\lambda) = \\theta_k + \\lambda(\\theta_{k+1} - \\theta_k)`. One sub-step
+    from :math:`\\lambda_j`:
+
+    1. ULA move :math:`X \\to X'` under :math:`\\theta(\\lambda_j)` (cached gradient);
+    2. one evaluation of :math:`U_{\\theta_{k+1}}, \\nabla U_{\\theta_{k+1}}` at :math:`X'`;
+    3. prediction of the Jarzynski increment for going the fraction :math:`f` of the
+       remaining way: :math:`U` and :math:`\\nabla U` at :math:`X'` are interpolated
+       linearly in :math:`f` between :math:`\\theta(\\lambda_j)` (first-order extrapolation
+       from the cached values at :math:`X`) and :math:`\\theta_{k+1}` (step 2), and put into
+       :math:`\\Delta A(f) = \\alpha_j(X, X') - \\alpha_f(X', X)`;
+    4. :math:`f \\in (0, 1]` is the largest fraction whose predicted conditional ESS
+       (:func:`conditional_log_ess`) stays at ``target_ess``, found with BlackJAX's
+       ``dichotomy`` root solver;
+    5. the exact increment at :math:`\\theta(\\lambda_j + f(1 - \\lambda_j))` (when
+       :math:`f = 1` the evaluation of step 2 is reused, otherwise one more evaluation);
+       while its realised conditional ESS is below target, :math:`f` is halved and the
+       evaluation repeated (at most ``max_backtracks`` times), since the prediction is
+       only first order;
+    6. the Jarzynski update to :math:`\\theta(\\lambda_{j+1})`,
+       :math:`\\lambda_{j+1} = \\lambda_j + f(1 - \\lambda_j)`, then ``num_steps - 1``
+       further moves there and resampling when ESS/N < ``ess_threshold``.
+
+    The sub-steps run in a ``lax.while_loop`` until :math:`\\lambda = 1`; the
+    ``max_substeps``-th goes to :math:`\\lambda = 1` whatever the prediction. When the
+    whole move keeps the conditional ESS above target, the call costs exactly what a
+    :func:`build_kernel` call costs: one evaluation per walker per move; each sub-step
+    costs one more, and each backtrack one more. The weights are exact whatever the
+    prediction does; the prediction only chooses the path. The realised conditional ESS of
+    every sub-step is at least ``target_ess`` unless the ULA move alone breaks it (then
+    the step size is too large) or the backtracks or sub-steps run out.
+
+    Returns ``kernel(rng_key, state, params=None, step_size=None) ->
+    (JarzynskiState, AdaptiveJarzynskiInfo)``, on the same state as :func:`build_kernel`.
+    """
+    _checks.check_fraction("target_ess", target_ess, closed_right=False)
+    max_substeps = _checks.check_int_at_least("max_substeps", max_substeps, 1)
+    _checks.check_positive("step_size", step_size)
+    _checks.check_fraction("ess_threshold", ess_threshold)
+    num_steps = _checks.check_int_at_least("num_steps", num_steps, 1)
+    max_backtracks = _checks.check_int_at_least("max_backtracks", max_backtracks, 0)
+    log_target = jnp.log(target_ess)
+    default_step_size = step_size
+
+    def kernel(
+        rng_key: jax.Array,
+        state: JarzynskiState,
+        params: ArrayTree | None = None,
+        step_size: jax.Array | float | None = None,
+    ) -> tuple[JarzynskiState, AdaptiveJarzynskiInfo]:
+        start = state.params
+        target = start if params is None else params
+        dtype = state.log_weights.dtype
+        h = jnp.asarray(default_step_size if step_size is None else step_size, dtype)
+        n = _num_walkers(state)
+
+        def path(lam):  # exactly `target` at lam == 1
+            return jax.tree.map(
+                lambda a, b: jnp.where(lam >= 1.0, b, a + (lam * (b - a)).astype(a.dtype)),
+                start,
+                target,
+            )
+
+        def substep(st, lam, count, key):
+            move_key, more_key, resample_key = jax.random.split(key, 3)
+            x_new = ula_proposal(move_key, st.particles, st.grad, h)
+            u_target, g_target = potential_and_grad(potential_fn, target, x_new)
+            # theta(lam_j) at x_new, first order from the cached values at x
+            diff = jax.tree.map(jnp.subtract, x_new, st.particles)
+            u_here = st.potential + _per_walker_dot(st.grad, diff)
+            forward = _alpha(st.potential, st.grad, st.particles, x_new, h)
+
+            def predicted(f):
+                u_f = (1 - f) * u_here + f * u_target
+                g_f = jax.tree.map(lambda a, b: (1 - f) * a + f * b, st.grad, g_target)
+                return forward - _alpha(u_f, g_f, x_new, st.particles, h)
+
+            def excess(f):  # > 0 while the conditional ESS stays above target
+                return conditional_log_ess(st.log_weights, predicted(f)) - log_target
+
+            fraction = dichotomy(excess, jnp.asarray(0.0, dtype), jnp.asarray(1.0, dtype))
+            remaining = jnp.maximum(max_substeps - count, 1).astype(dtype)
+            # even the move alone breaks the target: advance an equal share of the rest
+            fraction = jnp.where(jnp.isfinite(fraction), fraction, 1.0 / remaining)
+            last = count + 1 >= max_substeps
+            fraction = jnp.where(last, 1.0, fraction)
+
+            def evaluate(f):
+                lam_f = jnp.where(f >= 1.0, 1.0, lam + f * (1.0 - lam))
+                return jax.lax.cond(
+                    lam_f >= 1.0,
+                    lambda _: (u_target, g_target),
+                    lambda _: potential_and_grad(potential_fn, path(lam_f), x_new),
+                    None,
+                )
+
+            def realised_ok(u, g):
+                inc = forward - _alpha(u, g, x_new, st.particles, h)
+                return conditional_log_ess(st.log_weights, inc) >= log_target
+
+            # backtracking: halve the fraction until the realised conditional ESS meets
+            # the target (the prediction is only first order), at most max_backtracks times
+            def bt_cond(c):
+                f, _, _, ok, tries = c
+                return jnp.logical_and(~ok, tries < max_backtracks)
+
+            def bt_body(c):
+                f, _, _, _, tries = c
+                f = 0.5 * f
+                u, g = evaluate(f)
+                return f, u, g, realised_ok(u, g) | last, tries + 1
+
+            u0, g0 = evaluate(fraction)
+            evaluations = 1 + (fraction < 1.0).astype(jnp.int32) + (num_steps - 1)
+            fraction, u_new, g_new, _, tries = jax.lax.while_loop(
+                bt_cond, bt_body, (fraction, u0, g0, realised_ok(u0, g0) | last, 0)
+            )
+            evaluations = evaluations + tries
+            new_lam = jnp.where(fraction >= 1.0, 1.0, lam + fraction * (1.0 - lam))
+            new_params = path(new_lam)
+            cess = jnp.exp(conditional_log_ess(
+                st.log_weights, forward - _alpha(u_new, g_new, x_new, st.particles, h)
+            ))
+            st, delta, inc = _reweight(st, x_new, u_new, g_new, new_params, h)
+
+            def further(carry, k):
+                s, d, i = carry
+                s, d2, i2 = _move(k, s, new_params, potential_fn, h, True)
+                return (s, d + d2, i + i2), None
+
+            if num_steps > 1:
+                (st, delta, inc), _ = jax.lax.scan(
+                    further, (st, delta, inc), jax.random.split(more_key, num_steps - 1)
+                )
+            st, ess, resampled, ancestors = _maybe_resample(
+                resample_key, st, resampling_fn, ess_threshold
+            )
+            return st, new_lam, ess, resampled, ancestors, inc, delta, cess, evaluations
+
+        def cond(carry):
+            _, lam, count, *_ = carry
+            return jnp.logical_and(lam < 1.0, count < max_substeps)
+
+        def body(carry):
+            st, lam, count, key, ancestors, min_ess, min_cess, n_res, log_z_inc, _, _, n_eval = carry
+            key, step_key = jax.random.split(key)
+            st, lam, ess, resampled, anc, inc, delta, cess, evals = substep(
+                st, lam, count, step_key
+            )
+            return (
+                st,
+                lam,
+                count + 1,
+                key,
+                ancestors[anc],
+                jnp.minimum(min_ess, ess),
+                jnp.minimum(min_cess, cess),
+                n_res + resampled.astype(jnp.int32),
+                log_z_inc + inc,
+                ess,
+                delta,
+                n_eval + evals,
+            )
+
+        init_carry = (
+            state,
+            jnp.asarray(0.0, dtype),
+            jnp.asarray(0, jnp.int32),
+            rng_key,
+            jnp.arange(n, dtype=jnp.int32),
+            jnp.asarray(n, dtype),
+            jnp.asarray(1.0, dtype),
+            jnp.asarray(0, jnp.int32),
+            jnp.zeros((), dtype),
+            jnp.asarray(n, dtype),
+            jnp.zeros((n,), dtype),
+            jnp.asarray(0, jnp.int32),
+        )
+        (st, _, count, _, ancestors, min_ess, min_cess, n_res, log_z_inc, ess, increments,
+         n_eval) = jax.lax.while_loop(cond, body, init_carry)
+        info = AdaptiveJarzynskiInfo(
+            ess=ess,
+            resampled=n_res > 0,
+            ancestors=ancestors,
+            log_normalizer_increment=log_z_inc,
+            log_weight_increments=increments,
+            num_substeps=count,
+            min_ess=min_ess,
+            min_conditional_ess=min_cess,
+            num_resampled=n_res,
+            num_evaluations=n_eval,
+        )
+        return st, info
+
+    return kernel

@@ -10,6 +10,12 @@ iterations):
    :math:`\theta_{k+1}`, Jarzynski weight update, resampling when the ESS is low;
 4. a trace row.
 
+Everything recorded per iteration is a cheap reduction over the walkers, so it stays inside
+the jitted scan. Walker snapshots (``snapshot_every``) are taken inside the same scan, once
+per block of ``snapshot_every`` iterations. Host code (progress bar, the weight-degeneracy
+check of :func:`fit` and, when asked for, the Pareto :math:`\hat k` callback) runs only
+between chunks and after the run.
+
 The methods differ only in step 3:
 
 * ``"jarzynski"``: weighted walkers (:mod:`numpyro_ebm.jarzynski_ula`);
@@ -22,6 +28,7 @@ The methods differ only in step 3:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -31,14 +38,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from blackjax.smc import resampling
+from jax.scipy.special import logsumexp
 
 from numpyro_ebm import _checks
 from numpyro_ebm.estimators import ce_value_and_grad
 from numpyro_ebm.jarzynski_ula import JarzynskiState, PotentialFn, _build_kernel, init
 
-__all__ = ["fit", "FitResult", "METHODS"]
+__all__ = ["fit", "FitResult", "METHODS", "WeightDegeneracyWarning"]
 
 METHODS = ("jarzynski", "pcd", "cd")
+
+
+class WeightDegeneracyWarning(RuntimeWarning):
+    """Issued by :func:`fit` (once per run) when the Jarzynski weights stay degenerate."""
 
 
 class FitResult(NamedTuple):
@@ -55,9 +67,18 @@ class FitResult(NamedTuple):
         :math:`D_k`), ``data_energy`` (mean :math:`U_{\\theta_k}` over the batch) and, for
         ``"jarzynski"``, ``log_normalizer`` (:math:`\\widehat{\\log Z_{\\theta_k}/Z_{\\theta_0}}`)
         and ``cross_entropy`` (when ``log_z0`` is given); from the move
-        :math:`\\theta_k \\to \\theta_{k+1}`: ``ess`` and ``resampled`` (``"jarzynski"``
-        only). ``extra`` holds what ``trace_fn(params, state)`` returned at
-        :math:`\\theta_k`, when given. Fields that do not apply to a method are absent.
+        :math:`\\theta_k \\to \\theta_{k+1}`, before resampling (``"jarzynski"`` only):
+        ``ess`` (:math:`(\\sum_i w_i)^2 / \\sum_i w_i^2`), ``normalized_ess``
+        (``ess / num_walkers``), ``max_weight`` (largest normalised weight) and
+        ``resampled``; ``step_size`` (the ULA step size :math:`h`, every method).
+        ``extra`` holds what ``trace_fn(params, state)`` returned at :math:`\\theta_k`, when
+        given. With ``snapshot_every``, ``snapshots`` is a dict with the snapshot axis
+        first: ``iteration`` (the iterations :math:`k = 0, m, 2m, \\dots`), ``particles``
+        and, for ``"jarzynski"``, ``log_weights`` (the walkers and normalised log weights
+        used by the gradient at :math:`\\theta_k`), ``log_weights_before_resampling``
+        (after the move :math:`\\theta_k \\to \\theta_{k+1}`, the weights ``ess[k]``
+        describes) and ``pareto_k`` (when ``khat_fn`` is given). Fields that do not apply
+        to a method are absent.
     opt_state
         The optimiser state after the last update.
     method
@@ -129,6 +150,11 @@ def fit(
     trace_fn: Callable[[Any, JarzynskiState], Any] | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    snapshot_every: int | None = None,
+    khat_fn: Callable[[np.ndarray], float] | None = None,
+    warn_ess_floor: float | None = 0.05,
+    warn_khat: float | None = 0.7,
+    warn_patience: int = 20,
 ) -> FitResult:
     """Train ``potential_fn`` on ``data`` by its cross-entropy.
 
@@ -176,12 +202,41 @@ def fit(
         Iterations per jitted ``lax.scan`` chunk (default ``min(num_iterations, 250)``);
         progress is reported between chunks.
     progress
-        Show a progress bar (tqdm), updated per chunk.
+        Show a progress bar (tqdm), updated per chunk with the chunk's smallest normalised
+        ESS (and the last cross-entropy estimate).
+    snapshot_every
+        Record the walkers every this many iterations :math:`m` (at :math:`k = 0, m, 2m,
+        \\dots`), inside the jitted loop, into ``trace["snapshots"]``; a chunk then holds a
+        whole number of snapshot intervals. Host memory grows as
+        ``num_iterations / m`` copies of the walkers. ``None``: no snapshots.
+    khat_fn
+        ``khat_fn(log_weights) -> float``, a Pareto :math:`\\hat k` of one vector of
+        normalised log weights (e.g. :func:`numpyro_ebm.diagnostics.pareto_khat`). Called on
+        the host, after the run, on each snapshot's ``log_weights_before_resampling``
+        ("jarzynski" with ``snapshot_every`` only); the values go to
+        ``trace["snapshots"]["pareto_k"]`` and into the degeneracy check. The core does
+        not depend on ArviZ, hence the callback.
+    warn_ess_floor, warn_khat, warn_patience
+        After a ``"jarzynski"`` run, one :class:`WeightDegeneracyWarning` is issued when
+        the normalised ESS stays below ``warn_ess_floor`` for at least ``warn_patience``
+        consecutive iterations, or when :math:`\\hat k` stays above ``warn_khat`` on
+        consecutive snapshots spanning at least ``warn_patience`` iterations (at least one
+        snapshot). The message gives the iteration range and what to change. ``None``
+        switches a check off.
     """
     num_data = _validate(
         potential_fn, params, data, optimizer, method, num_walkers, step_size, num_iterations,
         batch_size, log_z0, ess_threshold, num_steps, cd_restart_every, chunk_size,
     )
+    if snapshot_every is not None:
+        _checks.check_int_at_least("snapshot_every", snapshot_every, 1)
+    if khat_fn is not None and not callable(khat_fn):
+        raise TypeError("`khat_fn` must be callable: khat_fn(log_weights) -> float")
+    if warn_ess_floor is not None:
+        _checks.check_fraction("warn_ess_floor", warn_ess_floor)
+    if warn_khat is not None and not math.isfinite(float(warn_khat)):
+        raise ValueError(f"`warn_khat` must be finite, got {warn_khat}")
+    _checks.check_int_at_least("warn_patience", warn_patience, 1)
     weighted = method == "jarzynski"
     init_key, loop_key = jax.random.split(rng_key)
     if init_particles is None:
@@ -210,7 +265,8 @@ def fit(
         potential_fn, step_size, resampling_fn, ess_threshold, num_steps, reweight=weighted
     )
 
-    def one_iteration(carry, iteration):
+    def iteration_with_weights(carry, iteration):
+        """One iteration; also returns the normalised log weights before resampling."""
         params, opt_state, state = carry
         key = jax.random.fold_in(loop_key, iteration)
         batch_key, move_key, restart_key = jax.random.split(key, 3)
@@ -236,20 +292,67 @@ def fit(
                 return init(_take(data, idx), new_params, potential_fn)
 
             state = jax.lax.cond(restart, from_data, lambda _: state, None)
+        moved_log_weights = state.log_weights
         state, info = kernel(move_key, state, new_params)
+        row["step_size"] = jnp.asarray(step_size, state.potential.dtype)
+        pre_log_weights = None
         if weighted:
+            # weights after the move, before resampling: softmax(A + sum of increments)
+            unnormalised = moved_log_weights + info.log_weight_increments
+            log_total = logsumexp(unnormalised)
+            pre_log_weights = unnormalised - log_total
             row["ess"] = info.ess
+            row["normalized_ess"] = info.ess / num_walkers
+            row["max_weight"] = jnp.exp(jnp.max(unnormalised) - log_total)
             row["resampled"] = info.resampled
-        return (new_params, opt_state, state), row
+        return (new_params, opt_state, state), row, pre_log_weights
+
+    def one_iteration(carry, iteration):
+        carry, row, _ = iteration_with_weights(carry, iteration)
+        return carry, row
 
     @partial(jax.jit, static_argnums=(2,))
     def run_chunk(carry, start, length):
         iterations = start + jnp.arange(length)
-        return jax.lax.scan(one_iteration, carry, iterations)
+        carry, rows = jax.lax.scan(one_iteration, carry, iterations)
+        return carry, rows, None
+
+    @partial(jax.jit, static_argnums=(2, 3))
+    def run_snapshot_chunk(carry, start, num_blocks, block_len):
+        """``num_blocks`` blocks of ``block_len`` iterations, a snapshot at each block start."""
+
+        def block(carry, block_start):
+            state = carry[2]
+            iterations = block_start + jnp.arange(block_len)
+            snap = {"particles": state.particles}
+            if not weighted:
+                carry, rows = jax.lax.scan(one_iteration, carry, iterations)
+                return carry, (rows, snap)
+            snap["log_weights"] = state.log_weights
+
+            def step(inner, iteration):
+                # keep the block's first pre-resampling weights in the carry (one select
+                # of N numbers per iteration; the body is traced once)
+                carry, first = inner
+                carry, row, pre_log_weights = iteration_with_weights(carry, iteration)
+                first = jnp.where(iteration == block_start, pre_log_weights, first)
+                return (carry, first), row
+
+            (carry, first), rows = jax.lax.scan(
+                step, (carry, jnp.zeros_like(state.log_weights)), iterations
+            )
+            snap["log_weights_before_resampling"] = first
+            return carry, (rows, snap)
+
+        block_starts = start + block_len * jnp.arange(num_blocks)
+        carry, (rows, snaps) = jax.lax.scan(block, carry, block_starts)
+        rows = jax.tree.map(lambda leaf: leaf.reshape(-1, *leaf.shape[2:]), rows)
+        snaps["iteration"] = block_starts
+        return carry, rows, snaps
 
     chunk = min(num_iterations, chunk_size or 250)
     carry = (params, opt_state, state)
-    rows = []
+    rows, snaps = [], []
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -258,15 +361,90 @@ def fit(
     start = 0
     try:
         while start < num_iterations:
-            length = min(chunk, num_iterations - start)
-            carry, chunk_rows = run_chunk(carry, jnp.asarray(start), length)
-            rows.append(jax.device_get(chunk_rows))
+            remaining = num_iterations - start
+            if snapshot_every is None:
+                length = min(chunk, remaining)
+                carry, chunk_rows, chunk_snaps = run_chunk(carry, jnp.asarray(start), length)
+            else:
+                # whole snapshot intervals per chunk; a last, shorter interval at the end
+                block_len = min(snapshot_every, remaining)
+                num_blocks = max(1, min(chunk // snapshot_every, remaining // block_len))
+                length = num_blocks * block_len
+                carry, chunk_rows, chunk_snaps = run_snapshot_chunk(
+                    carry, jnp.asarray(start), num_blocks, block_len
+                )
+                snaps.append(jax.device_get(chunk_snaps))
+            chunk_rows = jax.device_get(chunk_rows)
+            rows.append(chunk_rows)
             start += length
             if bar is not None:
                 bar.update(length)
+                if weighted:
+                    postfix = {"min_ess/N": f"{float(np.min(chunk_rows['normalized_ess'])):.3f}"}
+                    if "cross_entropy" in chunk_rows:
+                        postfix["CE"] = f"{float(chunk_rows['cross_entropy'][-1]):.4g}"
+                    bar.set_postfix(postfix)
     finally:
         if bar is not None:
             bar.close()
     trace = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *rows)
+    if snaps:
+        trace["snapshots"] = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *snaps)
+        if weighted and khat_fn is not None:
+            trace["snapshots"]["pareto_k"] = np.asarray(
+                [float(khat_fn(lw)) for lw in trace["snapshots"]["log_weights_before_resampling"]]
+            )
+    if weighted:
+        message = _degeneracy_message(trace, warn_ess_floor, warn_khat, warn_patience)
+        if message is not None:
+            warnings.warn(message, WeightDegeneracyWarning, stacklevel=2)
     params, opt_state, state = carry
     return FitResult(params=params, state=state, trace=trace, opt_state=opt_state, method=method)
+
+
+def _first_long_run(mask: np.ndarray, min_length: int) -> tuple[int, int] | None:
+    """``(first, last)`` indices of the first run of ``True`` at least ``min_length`` long."""
+    padded = np.concatenate([[False], np.asarray(mask, bool), [False]])
+    edges = np.flatnonzero(np.diff(padded.astype(np.int8)))
+    for first, stop in zip(edges[::2], edges[1::2], strict=True):
+        if stop - first >= min_length:
+            return int(first), int(stop - 1)
+    return None
+
+
+def _degeneracy_message(
+    trace: dict[str, Any], ess_floor: float | None, khat_max: float | None, patience: int
+) -> str | None:
+    """Text of the weight-degeneracy warning, or ``None`` when the weights stayed healthy."""
+    findings = []
+    if ess_floor is not None:
+        low = trace["normalized_ess"] < ess_floor
+        found = _first_long_run(low, patience)
+        if found is not None:
+            first, last = found
+            findings.append(
+                f"normalised ESS < {ess_floor:g} over iterations {first}-{last} "
+                f"({int(low.sum())} iterations in all)"
+            )
+    snapshots = trace.get("snapshots", {})
+    if khat_max is not None and "pareto_k" in snapshots:
+        iterations = snapshots["iteration"]
+        every = int(iterations[1] - iterations[0]) if len(iterations) > 1 else patience
+        high = snapshots["pareto_k"] > khat_max
+        found = _first_long_run(high, max(1, math.ceil(patience / every)))
+        if found is not None:
+            first, last = found
+            findings.append(
+                f"Pareto k-hat > {khat_max:g} at every snapshot from iteration "
+                f"{int(iterations[first])} to {int(iterations[last])} "
+                f"({int(high.sum())} of {len(high)} snapshots in all)"
+            )
+    if not findings:
+        return None
+    return (
+        "Jarzynski weights degenerate: "
+        + "; ".join(findings)
+        + ". The weighted estimates (gradient, log-normaliser, cross-entropy) are unreliable "
+        "there. Try more walkers (`num_walkers`), a smaller `step_size` or learning rate, "
+        "or more frequent resampling (a higher `ess_threshold`)."
+    )

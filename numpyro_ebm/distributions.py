@@ -1,0 +1,218 @@
+r"""A trained energy-based model as a NumPyro distribution.
+
+:class:`EnergyBased` is :math:`\rho_\theta(x) = e^{-U_\theta(x)} / Z_\theta` with
+:math:`\log Z_\theta` a Jarzynski estimate, and draws from the Jarzynski-weighted walkers.
+It can be the prior of a latent variable in a NumPyro model (run with NUTS: :math:`\log Z`
+is a constant there) or the likelihood of observed data.
+:func:`energy_based_from_fit` builds it from a :class:`~numpyro_ebm.FitResult`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import logsumexp
+from numpyro.distributions import Distribution, constraints
+
+from numpyro_ebm import _checks
+
+__all__ = ["EnergyBased", "energy_based_from_fit"]
+
+
+def _default_support(event_dim: int) -> constraints.Constraint:
+    if event_dim == 0:
+        return constraints.real
+    if event_dim == 1:
+        return constraints.real_vector
+    return constraints.independent(constraints.real, event_dim)
+
+
+class EnergyBased(Distribution):
+    r"""The energy-based model :math:`\rho_\theta(x) = e^{-U_\theta(x)} / Z_\theta`.
+
+    Parameters
+    ----------
+    potential_fn
+        ``potential_fn(params, x) -> scalar``, the energy :math:`U_\theta` of ONE sample
+        ``x`` of shape ``event_shape``.
+    params
+        The parameters :math:`\theta` (a pytree).
+    log_normalizer
+        An estimate of :math:`\log Z_\theta` (scalar), e.g.
+        :math:`\log Z_{\theta_0} +` the Jarzynski ``state.log_normalizer``. ``None``: the
+        density is UNNORMALISED, :meth:`log_prob` returns :math:`-U_\theta(x)` (enough for
+        MCMC over a latent with this prior, not for comparing models or for a likelihood
+        whose :math:`\theta` varies).
+    particles
+        Walkers, shape ``(num_walkers, *event_shape)``; needed by :meth:`sample`.
+    log_weights
+        Their log weights, shape ``(num_walkers,)`` (normalised or not; ``None``: equal).
+    event_shape
+        Shape of one sample; default ``particles.shape[1:]``. Required without particles.
+    support
+        Default: ``real`` for scalar events, ``real_vector`` for vectors,
+        ``independent(real, k)`` for ``k``-dimensional events.
+
+    :meth:`log_prob` is :math:`-U_\theta(x) - \log Z_\theta` (vmapped over the batch axes
+    of ``value``). :meth:`sample` resamples the walkers by weight: draws are i.i.d. from
+    the weighted empirical measure :math:`\sum_i w_i \delta_{X^i}`, so they repeat walker
+    positions (run more Jarzynski kernel steps for fresh walkers). Without ``particles``,
+    :meth:`sample` raises ``ValueError``. ``mean``/``variance`` are the weighted walker
+    moments. The batch shape is always ``()``.
+    """
+
+    pytree_data_fields = ("params", "log_normalizer", "particles", "log_weights")
+    pytree_aux_fields = ("potential_fn", "_support")
+
+    def __init__(
+        self,
+        potential_fn,
+        params: Any,
+        log_normalizer: Any = None,
+        particles: Any = None,
+        log_weights: Any = None,
+        *,
+        event_shape: tuple[int, ...] | None = None,
+        support: constraints.Constraint | None = None,
+        validate_args: bool | None = None,
+    ):
+        if not callable(potential_fn):
+            raise TypeError(f"`potential_fn` must be callable, got {type(potential_fn).__name__}")
+        if particles is not None:
+            if not hasattr(particles, "shape"):
+                raise TypeError(
+                    "`particles` must be one array of shape (num_walkers, *event_shape)"
+                )
+            n = _checks.leading_size("particles", particles)
+            if event_shape is None:
+                event_shape = tuple(particles.shape[1:])
+            elif tuple(event_shape) != tuple(particles.shape[1:]):
+                raise ValueError(
+                    f"`event_shape` {tuple(event_shape)} disagrees with `particles` of shape "
+                    f"{tuple(particles.shape)}"
+                )
+            if log_weights is not None and tuple(jnp.shape(log_weights)) != (n,):
+                raise ValueError(
+                    f"`log_weights` must have shape ({n},) to match `particles`, got "
+                    f"{tuple(jnp.shape(log_weights))}"
+                )
+        elif log_weights is not None:
+            raise ValueError("`log_weights` given without `particles`")
+        if event_shape is None:
+            raise ValueError("`event_shape` is required when no `particles` are given")
+        if log_normalizer is not None and jnp.shape(log_normalizer) != ():
+            raise ValueError(
+                f"`log_normalizer` must be a scalar, got shape {jnp.shape(log_normalizer)}"
+            )
+        self.potential_fn = potential_fn
+        self.params = params
+        self.log_normalizer = log_normalizer
+        self.particles = particles
+        self.log_weights = log_weights
+        self._support = support if support is not None else _default_support(len(event_shape))
+        super().__init__(
+            batch_shape=(), event_shape=tuple(event_shape), validate_args=validate_args
+        )
+
+    @property
+    def support(self) -> constraints.Constraint:
+        return self._support
+
+    # -- density ---------------------------------------------------------------------
+    def energy(self, value: jax.Array) -> jax.Array:
+        """:math:`U_\\theta(x)` for ``value`` of shape ``batch + event_shape``."""
+        value = jnp.asarray(value)
+        k = len(self.event_shape)
+        if tuple(value.shape[value.ndim - k :]) != self.event_shape or value.ndim < k:
+            raise ValueError(
+                f"`value` of shape {value.shape} does not end in event_shape {self.event_shape}"
+            )
+        batch = value.shape[: value.ndim - k]
+        flat = value.reshape((-1, *self.event_shape))
+        energies = jax.vmap(self.potential_fn, in_axes=(None, 0))(self.params, flat)
+        return energies.reshape(batch)
+
+    def log_prob(self, value: jax.Array) -> jax.Array:
+        """:math:`-U_\\theta(x) - \\log Z_\\theta` (:math:`-U_\\theta(x)` when
+        ``log_normalizer`` is ``None``)."""
+        lp = -self.energy(value)
+        if self.log_normalizer is not None:
+            lp = lp - self.log_normalizer
+        return lp
+
+    # -- walkers ---------------------------------------------------------------------
+    def _normalised_log_weights(self) -> jax.Array:
+        if self.particles is None:
+            raise ValueError(
+                "EnergyBased has no walkers: pass `particles` (e.g. via "
+                "energy_based_from_fit) to sample or to compute walker moments"
+            )
+        n = self.particles.shape[0]
+        if self.log_weights is None:
+            return jnp.full((n,), -jnp.log(n), self.particles.dtype)
+        return self.log_weights - logsumexp(self.log_weights)
+
+    def sample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> jax.Array:
+        """``sample_shape`` draws of walkers, each chosen with probability :math:`w_i`."""
+        log_w = self._normalised_log_weights()
+        idx = jax.random.categorical(key, log_w, shape=tuple(sample_shape))
+        return self.particles[idx]
+
+    @property
+    def mean(self) -> jax.Array:
+        w = jnp.exp(self._normalised_log_weights())
+        return jnp.tensordot(w, self.particles, axes=1)
+
+    @property
+    def variance(self) -> jax.Array:
+        w = jnp.exp(self._normalised_log_weights())
+        return jnp.tensordot(w, (self.particles - self.mean) ** 2, axes=1)
+
+    @property
+    def effective_sample_size(self) -> jax.Array:
+        """Kish ESS of the walker weights, :math:`1 / \\sum_i w_i^2`."""
+        return 1.0 / jnp.sum(jnp.exp(2 * self._normalised_log_weights()))
+
+
+def energy_based_from_fit(
+    potential_fn, result: Any, log_z0: Any = None, *, support=None
+) -> EnergyBased:
+    r"""An :class:`EnergyBased` from a :func:`numpyro_ebm.fit` result.
+
+    Uses ``result.params``, the final walkers ``result.state.particles`` with their
+    weights ``result.state.log_weights``, and
+
+    .. math:: \log Z_{\theta_K} \approx \log Z_{\theta_0} + \texttt{result.state.log\_normalizer},
+
+    the Jarzynski estimate. ``log_z0`` is :math:`\log Z_{\theta_0}` of the model the
+    walkers started from (closed form when that is e.g. a standard normal). Without it,
+    and for ``"pcd"``/``"cd"`` results (which do not estimate :math:`\log Z`), the
+    distribution is unnormalised (``log_normalizer=None``); passing ``log_z0`` with a
+    PCD/CD result raises ``ValueError``.
+    """
+    if not (hasattr(result, "params") and hasattr(result, "state")):
+        raise TypeError("`result` must be a FitResult (from numpyro_ebm.fit)")
+    method = getattr(result, "method", "jarzynski")
+    log_normalizer = None
+    if log_z0 is not None:
+        if method != "jarzynski":
+            raise ValueError(
+                f"`log_z0` given but `result` comes from method {method!r}, which does not "
+                "estimate log Z; only 'jarzynski' results can be normalised"
+            )
+        if _checks.is_concrete(log_z0) and not np.isfinite(float(np.asarray(log_z0))):
+            raise ValueError(f"`log_z0` must be finite, got {log_z0}")
+        log_normalizer = jnp.asarray(log_z0, result.state.log_normalizer.dtype) + (
+            result.state.log_normalizer
+        )
+    return EnergyBased(
+        potential_fn,
+        result.params,
+        log_normalizer=log_normalizer,
+        particles=result.state.particles,
+        log_weights=result.state.log_weights,
+        support=support,
+    )

@@ -1,0 +1,243 @@
+"""Tests of the Jarzynski-weighted ULA kernel (numpyro_ebm.jarzynski_ula)."""
+
+import math
+
+import blackjax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.scipy.stats import norm
+
+from numpyro_ebm import jarzynski_ula as ju
+
+
+def gaussian_potential(params, x):
+    """U(x) = |x - mu|^2 / (2 sigma^2), sigma = exp(log_scale); log Z = d log(sqrt(2 pi) sigma)."""
+    return 0.5 * jnp.sum((x - params["mu"]) ** 2) * jnp.exp(-2.0 * params["log_scale"])
+
+
+def gaussian_params(mu, log_scale, dtype):
+    return {"mu": jnp.asarray(mu, dtype), "log_scale": jnp.asarray(log_scale, dtype)}
+
+
+# ---------------------------------------------------------------------------------------
+# Exact identities
+# ---------------------------------------------------------------------------------------
+
+
+def test_weight_increment_is_log_ratio_of_backward_and_forward_transitions(x64):
+    """Delta A = log[e^{-U_{k+1}(X')} q_{k+1}(X'->X)] - log[e^{-U_k(X)} q_k(X->X')]."""
+    h = 0.3
+    d = 3
+    p0 = gaussian_params(jnp.zeros(d), 0.0, jnp.float64)
+    p1 = gaussian_params(jnp.array([0.5, -1.0, 2.0]), 0.4, jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (64, d), jnp.float64) * 1.3
+    state = ju.init(x, p0, gaussian_potential)
+    kernel = ju.build_kernel(gaussian_potential, h, ess_threshold=1e-12)
+    new_state, info = kernel(jax.random.key(2), state, p1)
+    assert not bool(info.resampled)
+    y = new_state.particles
+
+    grad = jax.vmap(jax.grad(gaussian_potential, argnums=1), (None, 0))
+    u = jax.vmap(gaussian_potential, (None, 0))
+
+    def log_q(params, start, end):  # ULA transition density start -> end
+        mean = start - h * grad(params, start)
+        return jnp.sum(norm.logpdf(end, mean, jnp.sqrt(2 * h)), axis=-1)
+
+    expected = (-u(p1, y) + log_q(p1, y, x)) - (-u(p0, x) + log_q(p0, x, y))
+    np.testing.assert_allclose(info.log_weight_increments, expected, rtol=1e-10, atol=1e-10)
+    # the stored weights are the normalised exp(Delta A) and the log normaliser the constant
+    np.testing.assert_allclose(
+        new_state.log_weights, expected - jax.nn.logsumexp(expected), atol=1e-10
+    )
+    np.testing.assert_allclose(
+        new_state.log_normalizer, jax.nn.logsumexp(expected) - math.log(64), atol=1e-10
+    )
+    # the cached potential and gradient are those of the new parameters at the new walkers
+    np.testing.assert_allclose(new_state.potential, u(p1, y), rtol=1e-12)
+    np.testing.assert_allclose(new_state.grad, grad(p1, y), rtol=1e-12)
+
+
+def test_pytree_particles_give_the_same_increments_as_flat_ones(x64):
+    """A walker split into two leaves is the same walker: identical increments."""
+
+    def flat_u(params, x):
+        return gaussian_potential(params, x)
+
+    def tree_u(params, x):
+        return gaussian_potential(params, jnp.concatenate([x["a"], x["b"][None]]))
+
+    p0 = gaussian_params(jnp.zeros(3), 0.0, jnp.float64)
+    p1 = gaussian_params(jnp.ones(3), -0.2, jnp.float64)
+    x = jax.random.normal(jax.random.key(3), (32, 3), jnp.float64)
+    tree_x = {"a": x[:, :2], "b": x[:, 2]}
+    k_flat = ju.build_kernel(flat_u, 0.2, ess_threshold=1e-12)
+    k_tree = ju.build_kernel(tree_u, 0.2, ess_threshold=1e-12)
+    s_flat, i_flat = k_flat(jax.random.key(4), ju.init(x, p0, flat_u), p1)
+    s_tree, i_tree = k_tree(jax.random.key(4), ju.init(tree_x, p0, tree_u), p1)
+    # the noise is drawn per leaf, so positions differ; the identity must hold for both
+    for s, i, u in ((s_flat, i_flat, flat_u), (s_tree, i_tree, tree_u)):
+        np.testing.assert_allclose(s.potential, jax.vmap(u, (None, 0))(p1, s.particles))
+        assert np.all(np.isfinite(i.log_weight_increments))
+    # same positions -> same increment: recompute the flat increment at the tree walkers
+    y = jnp.concatenate([s_tree.particles["a"], s_tree.particles["b"][:, None]], axis=1)
+    g0 = jax.vmap(jax.grad(flat_u, argnums=1), (None, 0))(p0, x)
+    g1 = jax.vmap(jax.grad(flat_u, argnums=1), (None, 0))(p1, y)
+    u0 = jax.vmap(flat_u, (None, 0))(p0, x)
+    u1 = jax.vmap(flat_u, (None, 0))(p1, y)
+    expected = ju.log_weight_increment(u0, g0, x, u1, g1, y, jnp.asarray(0.2))
+    np.testing.assert_allclose(i_tree.log_weight_increments, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_one_potential_evaluation_per_walker_per_move():
+    """The first move reuses the cached gradient: one traced (vmapped) evaluation per call."""
+    calls = []
+
+    def counting_u(params, x):
+        calls.append(1)
+        return gaussian_potential(params, x)
+
+    p = gaussian_params(jnp.zeros(2), 0.0, jnp.float32)
+    state = ju.init(jnp.zeros((8, 2)), p, counting_u)
+    calls.clear()
+    for num_steps in (1, 3):
+        calls.clear()
+        kernel = jax.jit(ju.build_kernel(counting_u, 0.1, num_steps=num_steps))
+        kernel.lower(jax.random.key(0), state, p)
+        assert len(calls) == 1, f"num_steps={num_steps}: {len(calls)} evaluations traced"
+
+
+# ---------------------------------------------------------------------------------------
+# Statistical properties (fixed seeds; tolerances from the spread of independent runs)
+# ---------------------------------------------------------------------------------------
+
+
+def _mean_and_se(values):
+    values = np.asarray(values, np.float64)
+    return values.mean(), values.std(ddof=1) / math.sqrt(values.size)
+
+
+def test_jarzynski_identity_on_a_gaussian_path(dtype):
+    """log_normalizer -> log Z_K / Z_0 = d log(sigma_K / sigma_0) along a moving, widening
+    Gaussian; independent runs vmapped over keys."""
+    d, n, k_steps, runs = 2, 2000, 60, 8
+    log_scale_end = 0.4
+    exact = d * log_scale_end
+    kernel = ju.build_kernel(gaussian_potential, 0.1)
+    lambdas = jnp.linspace(0.0, 1.0, k_steps + 1, dtype=dtype)[1:]
+
+    def one_run(key):
+        init_key, loop_key = jax.random.split(key)
+        p0 = gaussian_params(jnp.zeros(d), 0.0, dtype)
+        state = ju.init(jax.random.normal(init_key, (n, d), dtype), p0, gaussian_potential)
+
+        def step(state, xs):
+            lam, key = xs
+            params = gaussian_params(jnp.full((d,), 3.0) * lam, log_scale_end * lam, dtype)
+            state, info = kernel(key, state, params)
+            return state, info.log_normalizer_increment
+
+        state, increments = jax.lax.scan(step, state, (lambdas, jax.random.split(loop_key, k_steps)))
+        return state.log_normalizer, jnp.sum(increments), jax.nn.logsumexp(state.log_weights)
+
+    log_z, summed, lse = jax.jit(jax.vmap(one_run))(jax.random.split(jax.random.key(0), runs))
+    assert log_z.dtype == dtype
+    np.testing.assert_allclose(log_z, summed, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(lse, 0.0, atol=1e-4)
+    mean, se = _mean_and_se(log_z)
+    assert abs(mean - exact) < 4 * se + 1e-3, (mean, exact, se)
+
+
+def test_weights_remove_ula_discretisation_bias():
+    """Fixed theta, h = 0.5 on N(0, 1): plain ULA's variance is 1 / (1 - h/2) = 4/3; the
+    Jarzynski-weighted walkers recover 1. Driven through BlackJAX's run_inference_algorithm."""
+    h, n, steps, runs = 0.5, 4000, 30, 8
+    params = gaussian_params(jnp.zeros(1), 0.0, jnp.float32)
+    algo = ju.as_top_level_api(gaussian_potential, params, h)
+    ula = ju._build_kernel(gaussian_potential, h, None, 1.0, 1, reweight=False)
+
+    def weighted_run(key):
+        init_key, run_key = jax.random.split(key)
+        x0 = jax.random.normal(init_key, (n, 1))
+        state, _ = blackjax.util.run_inference_algorithm(
+            run_key, algo, steps, initial_state=algo.init(x0)
+        )
+        w = jnp.exp(state.log_weights)
+        return jnp.sum(w * state.particles[:, 0] ** 2)
+
+    def plain_run(key):
+        init_key, run_key = jax.random.split(key)
+        state = ju.init(jax.random.normal(init_key, (n, 1)), params, gaussian_potential)
+        state, _ = jax.lax.scan(lambda s, k: ula(k, s), state, jax.random.split(run_key, steps))
+        return jnp.mean(state.particles[:, 0] ** 2)
+
+    keys = jax.random.split(jax.random.key(11), runs)
+    weighted = jax.jit(jax.vmap(weighted_run))(keys)
+    plain = jax.jit(jax.vmap(plain_run))(keys)
+    w_mean, w_se = _mean_and_se(weighted)
+    p_mean, p_se = _mean_and_se(plain)
+    assert abs(w_mean - 1.0) < 4 * w_se, (w_mean, w_se)
+    assert abs(p_mean - 4.0 / 3.0) < 4 * p_se, (p_mean, p_se)
+    assert abs(p_mean - 1.0) > 10 * p_se  # the bias the weights remove is visible
+
+
+def test_resampling_resets_weights_and_keeps_log_normalizer(x64):
+    """A parameter jump large enough to force resampling: weights become equal, the
+    log-normaliser estimate and the cached potential/grad follow the ancestors."""
+    p0 = gaussian_params(jnp.zeros(2), 0.0, jnp.float64)
+    p1 = gaussian_params(jnp.array([2.0, 0.0]), 0.0, jnp.float64)
+    x = jax.random.normal(jax.random.key(5), (500, 2), jnp.float64)
+    state = ju.init(x, p0, gaussian_potential)
+    kernel = ju.build_kernel(gaussian_potential, 0.1, ess_threshold=0.9)
+    new, info = kernel(jax.random.key(6), state, p1)
+    assert bool(info.resampled)
+    assert float(info.ess) < 0.9 * 500
+    np.testing.assert_allclose(new.log_weights, -math.log(500))
+    np.testing.assert_allclose(new.log_normalizer, info.log_normalizer_increment)
+    np.testing.assert_allclose(
+        new.potential, jax.vmap(gaussian_potential, (None, 0))(p1, new.particles)
+    )
+    assert len(np.unique(np.asarray(info.ancestors))) < 500
+
+
+def test_params_none_keeps_current_parameters(x64):
+    p = gaussian_params(jnp.ones(2), 0.1, jnp.float64)
+    state = ju.init(jnp.zeros((10, 2)), p, gaussian_potential)
+    new, _ = ju.build_kernel(gaussian_potential, 0.1)(jax.random.key(0), state)
+    np.testing.assert_array_equal(new.params["mu"], p["mu"])
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------
+
+P = {"mu": jnp.zeros(2), "log_scale": jnp.zeros(())}
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: ju.build_kernel(gaussian_potential, 0.0), "step_size"),
+        (lambda: ju.build_kernel(gaussian_potential, -0.1), "step_size"),
+        (lambda: ju.build_kernel(gaussian_potential, float("nan")), "step_size"),
+        (lambda: ju.build_kernel(gaussian_potential, 0.1, ess_threshold=0.0), "ess_threshold"),
+        (lambda: ju.build_kernel(gaussian_potential, 0.1, ess_threshold=1.5), "ess_threshold"),
+        (lambda: ju.build_kernel(gaussian_potential, 0.1, num_steps=0), "num_steps"),
+        (lambda: ju.init(jnp.full((4, 2), jnp.nan), P, gaussian_potential), "particles"),
+        (lambda: ju.init(jnp.full((4, 2), jnp.inf), P, gaussian_potential), "particles"),
+        (lambda: ju.init(jnp.zeros((1, 2)), P, gaussian_potential), "particles"),
+        (lambda: ju.init(jnp.zeros((4, 2)), P, lambda p, x: x), "potential_fn"),
+    ],
+)
+def test_bad_input_names_the_argument(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_kernel_is_jittable_with_traced_step_size(x64):
+    state = ju.init(jnp.zeros((6, 2)), P, gaussian_potential)
+    kernel = ju.build_kernel(gaussian_potential, 0.1)
+    out, _ = jax.jit(lambda k, s, h: kernel(k, s, None, h))(jax.random.key(0), state, 0.2)
+    assert np.all(np.isfinite(out.particles))

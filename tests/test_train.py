@@ -1,0 +1,157 @@
+"""Tests of the trainer (numpyro_ebm.train.fit)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from numpyro_ebm import fit
+
+
+def u(params, x):
+    return 0.5 * jnp.sum((x - params["mu"]) ** 2) * jnp.exp(-2.0 * params["log_scale"])
+
+
+def small_problem(dtype, n_data=200, d=2):
+    data = 1.5 + 0.7 * jax.random.normal(jax.random.key(0), (n_data, d), dtype)
+    params = {"mu": jnp.zeros(d, dtype), "log_scale": jnp.zeros((), dtype)}
+    return data, params
+
+
+def run(method="jarzynski", dtype=jnp.float32, **kw):
+    data, params = small_problem(dtype)
+    d = data.shape[1]
+    opts = dict(
+        optimizer=optax.sgd(0.05),
+        method=method,
+        num_walkers=256,
+        step_size=0.1,
+        num_iterations=60,
+        rng_key=jax.random.key(1),
+        log_z0=0.5 * d * math.log(2 * math.pi),
+    )
+    opts.update(kw)
+    return fit(u, params, data, **opts)
+
+
+def test_trace_fields_per_method():
+    """Every method records the gradient norm and data energy; only Jarzynski records
+    weight-based fields (absent, not faked, for PCD and CD)."""
+    weighted_only = {"log_normalizer", "cross_entropy", "ess", "resampled"}
+    for method in ("jarzynski", "pcd", "cd"):
+        result = run(method, num_iterations=5)
+        assert {"grad_norm", "data_energy"} <= set(result.trace), method
+        if method == "jarzynski":
+            assert weighted_only <= set(result.trace)
+        else:
+            assert not weighted_only & set(result.trace), method
+        assert all(np.shape(v)[0] == 5 for v in jax.tree.leaves(result.trace))
+        assert result.method == method
+
+
+def test_gaussian_fit_learns_mean_and_scale_and_tracks_the_log_normalizer(dtype):
+    """A Gaussian EBM on Gaussian data: theta -> the data's mean and std, and the Jarzynski
+    log normaliser follows the exact log Z(theta_k) - log Z(theta_0) = d * log_scale_k."""
+    data, _ = small_problem(dtype)
+    n, d = 2000, data.shape[1]
+    result = run(
+        "jarzynski", dtype, num_iterations=300, num_walkers=n,
+        trace_fn=lambda p, s: d * p["log_scale"],
+    )
+    assert result.params["mu"].dtype == dtype
+    sigma_hat = float(jnp.sqrt(jnp.mean((data - data.mean(0)) ** 2)))
+    # stationary point: data moments = weighted walker moments; the walkers' Monte Carlo
+    # error with ESS >= N/2 (resampling threshold) is sigma / sqrt(N/2) per coordinate
+    tol_mu = 4 * sigma_hat / math.sqrt(n / 2)
+    np.testing.assert_allclose(result.params["mu"], jnp.mean(data, 0), atol=tol_mu)
+    # relative error of a variance estimated from d * N/2 coordinates: sqrt(2 / (d N/2))
+    tol_sigma = 4 * sigma_hat * math.sqrt(2 / (d * n / 2)) / 2
+    assert abs(math.exp(float(result.params["log_scale"])) - sigma_hat) < tol_sigma
+    err = result.trace["log_normalizer"] - result.trace["extra"]
+    # MC error of one Jarzynski segment ~ 1/sqrt(ESS); segments between resamplings add up
+    n_res = int(np.sum(result.trace["resampled"]))
+    bound = 4 * math.sqrt(n_res + 1) / math.sqrt(float(np.min(result.trace["ess"])))
+    assert np.max(np.abs(err)) < bound, (np.max(np.abs(err)), bound)
+    assert np.all(np.isfinite(result.trace["cross_entropy"]))
+
+
+def test_results_do_not_depend_on_chunk_size():
+    a = run("jarzynski", num_iterations=23)
+    b = run("jarzynski", num_iterations=23, chunk_size=5)
+    np.testing.assert_array_equal(a.params["mu"], b.params["mu"])
+    np.testing.assert_array_equal(a.state.particles, b.state.particles)
+    np.testing.assert_array_equal(a.trace["ess"], b.trace["ess"])
+
+
+def test_pcd_and_cd_keep_equal_weights_and_cd_restarts_from_data():
+    data, _ = small_problem(jnp.float32)
+    pcd = run("pcd", num_iterations=10)
+    np.testing.assert_allclose(pcd.state.log_weights, -math.log(256))
+    np.testing.assert_allclose(pcd.state.log_normalizer, 0.0)
+    # CD restarted at the last iteration (restart_every=1): one ULA step from data points
+    cd = run("cd", num_iterations=10, step_size=1e-8)
+    x = np.asarray(cd.state.particles)
+    dist = np.min(np.abs(x[:, None, :] - np.asarray(data)[None]).sum(-1), axis=1)
+    assert np.max(dist) < 1e-3
+
+
+def test_minibatch_training_runs_and_is_finite():
+    result = run("jarzynski", batch_size=32, num_iterations=20)
+    assert np.all(np.isfinite(result.trace["grad_norm"]))
+
+
+def test_init_particles_callable_gets_the_walker_count():
+    seen = []
+
+    def draw(key, n):
+        seen.append(n)
+        return jax.random.normal(key, (n, 2))
+
+    run("pcd", num_iterations=2, num_walkers=64, init_particles=draw)
+    assert seen == [64]
+
+
+GOOD_DATA, GOOD_PARAMS = small_problem(jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"method": "sgld"}, "method"),
+        ({"num_walkers": 1}, "num_walkers"),
+        ({"num_iterations": 0}, "num_iterations"),
+        ({"step_size": 0.0}, "step_size"),
+        ({"step_size": -1.0}, "step_size"),
+        ({"ess_threshold": 0.0}, "ess_threshold"),
+        ({"ess_threshold": 1.01}, "ess_threshold"),
+        ({"batch_size": 10_000}, "batch_size"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"log_z0": float("nan")}, "log_z0"),
+        ({"init_particles": jnp.zeros((256, 3))}, "init_particles"),
+        ({"init_particles": jnp.zeros((10, 2))}, "init_particles"),
+        ({"init_particles": jnp.full((256, 2), jnp.nan)}, "particles"),
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"data": GOOD_DATA.at[3, 0].set(jnp.nan)}, "data"),
+        ({"data": GOOD_DATA.at[3, 0].set(jnp.inf)}, "data"),
+        ({"data": jnp.zeros((0, 2))}, "data"),
+        ({"potential_fn": lambda p, x: x}, "potential_fn"),
+    ],
+)
+def test_bad_input_names_the_argument(kw, match):
+    args = dict(
+        potential_fn=u,
+        params=GOOD_PARAMS,
+        data=GOOD_DATA,
+        optimizer=optax.sgd(0.1),
+        num_walkers=256,
+        step_size=0.1,
+        num_iterations=3,
+        rng_key=jax.random.key(0),
+    )
+    args.update(kw)
+    potential_fn, params, data = args.pop("potential_fn"), args.pop("params"), args.pop("data")
+    with pytest.raises((ValueError, TypeError), match=match):
+        fit(potential_fn, params, data, **args)
