@@ -5,7 +5,8 @@ from numpyro_ebm import jarzynski_ula, potentials
 from numpyro_ebm.distributions import EnergyBased, energy_based_from_fit
 from numpyro_ebm.estimators import ce_estimate, ce_grad
 from numpyro_ebm.jarzynski_ula import JarzynskiInfo, JarzynskiState
-from numpyro_ebm.train import FitResult, fit
+from numpyro_ebm.normalizer import LogNormalizerEstimate, estimate_log_normalizer
+from numpyro_ebm.train import FitResult, WeightDegeneracyWarning, fit
 
 __version__ = "0.1.0.dev0"
 
@@ -20,4 +21,7 @@ __all__ = [
     "ce_estimate",
     "fit",
     "FitResult",
+    "WeightDegeneracyWarning",
+    "estimate_log_normalizer",
+    "LogNormalizerEstimate",
 ]

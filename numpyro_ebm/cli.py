@@ -106,6 +106,14 @@ def _run_gmm(args: argparse.Namespace) -> int:
     print(table)
     png = os.path.join(args.output_dir, "gmm.png")
     gmm.plot(results, png)
+    if "jarzynski" in results:
+        from numpyro_ebm.diagnostics import plot_training
+
+        plot_training(
+            results["jarzynski"]["result"],
+            exact_cross_entropy=results["jarzynski"]["exact_cross_entropy"],
+            path=os.path.join(args.output_dir, "gmm_training_jarzynski.png"),
+        )
     summary = {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
         "methods": {
@@ -129,7 +137,7 @@ def _run_gmm(args: argparse.Namespace) -> int:
         json.dump(summary, fh, indent=2)
     with open(os.path.join(args.output_dir, "gmm.txt"), "w") as fh:
         fh.write(table + "\n")
-    print(f"saved {png}, gmm.json and gmm.txt in {args.output_dir}")
+    print(f"saved gmm.png, gmm_training_jarzynski.png, gmm.json and gmm.txt in {args.output_dir}")
     return 0
 
 

@@ -468,6 +468,11 @@ class AdaptiveJarzynskiInfo(NamedTuple):
         Number of sub-steps that resampled.
     num_evaluations
         Potential evaluations (value and gradient) per walker made by the call.
+    log_weights_before_resampling
+        Normalised log weights after the last sub-step's update, before its resampling.
+    log_weights_before_last_substep
+        Normalised log weights the last sub-step started from (with
+        ``log_weight_increments`` they give its acceptance proxy).
     """
 
     ess: jax.Array
@@ -480,6 +485,8 @@ class AdaptiveJarzynskiInfo(NamedTuple):
     min_conditional_ess: jax.Array
     num_resampled: jax.Array
     num_evaluations: jax.Array
+    log_weights_before_resampling: jax.Array
+    log_weights_before_last_substep: jax.Array
 
 
 def conditional_log_ess(log_weights: jax.Array, increments: jax.Array) -> jax.Array:
@@ -637,19 +644,24 @@ def build_adaptive_kernel(
                 (st, delta, inc), _ = jax.lax.scan(
                     further, (st, delta, inc), jax.random.split(more_key, num_steps - 1)
                 )
+            pre_resampling = st.log_weights
             st, ess, resampled, ancestors = _maybe_resample(
                 resample_key, st, resampling_fn, ess_threshold
             )
-            return st, new_lam, ess, resampled, ancestors, inc, delta, cess, evaluations
+            return (st, new_lam, ess, resampled, ancestors, inc, delta, cess, evaluations,
+                    pre_resampling)
 
         def cond(carry):
             _, lam, count, *_ = carry
             return jnp.logical_and(lam < 1.0, count < max_substeps)
 
         def body(carry):
-            st, lam, count, key, ancestors, min_ess, min_cess, n_res, log_z_inc, _, _, n_eval = carry
+            st, lam, count, key, ancestors, min_ess, min_cess, n_res, log_z_inc, _, _, n_eval, _, _ = (
+                carry
+            )
             key, step_key = jax.random.split(key)
-            st, lam, ess, resampled, anc, inc, delta, cess, evals = substep(
+            before = st.log_weights
+            st, lam, ess, resampled, anc, inc, delta, cess, evals, pre = substep(
                 st, lam, count, step_key
             )
             return (
@@ -665,6 +677,8 @@ def build_adaptive_kernel(
                 ess,
                 delta,
                 n_eval + evals,
+                pre,
+                before,
             )
 
         init_carry = (
@@ -680,9 +694,11 @@ def build_adaptive_kernel(
             jnp.asarray(n, dtype),
             jnp.zeros((n,), dtype),
             jnp.asarray(0, jnp.int32),
+            state.log_weights,
+            state.log_weights,
         )
         (st, _, count, _, ancestors, min_ess, min_cess, n_res, log_z_inc, ess, increments,
-         n_eval) = jax.lax.while_loop(cond, body, init_carry)
+         n_eval, pre_resampling, before_last) = jax.lax.while_loop(cond, body, init_carry)
         info = AdaptiveJarzynskiInfo(
             ess=ess,
             resampled=n_res > 0,
@@ -694,6 +710,8 @@ def build_adaptive_kernel(
             min_conditional_ess=min_cess,
             num_resampled=n_res,
             num_evaluations=n_eval,
+            log_weights_before_resampling=pre_resampling,
+            log_weights_before_last_substep=before_last,
         )
         return st, info
 

@@ -42,7 +42,14 @@ from jax.scipy.special import logsumexp
 
 from numpyro_ebm import _checks
 from numpyro_ebm.estimators import ce_value_and_grad
-from numpyro_ebm.jarzynski_ula import JarzynskiState, PotentialFn, _build_kernel, init
+from numpyro_ebm.jarzynski_ula import (
+    JarzynskiState,
+    PotentialFn,
+    _build_kernel,
+    build_adaptive_kernel,
+    init,
+)
+from numpyro_ebm.schedule import acceptance_proxy, step_size_adaptation
 
 __all__ = ["fit", "FitResult", "METHODS", "WeightDegeneracyWarning"]
 
@@ -70,7 +77,9 @@ class FitResult(NamedTuple):
         :math:`\\theta_k \\to \\theta_{k+1}`, before resampling (``"jarzynski"`` only):
         ``ess`` (:math:`(\\sum_i w_i)^2 / \\sum_i w_i^2`), ``normalized_ess``
         (``ess / num_walkers``), ``max_weight`` (largest normalised weight) and
-        ``resampled``; ``step_size`` (the ULA step size :math:`h`, every method).
+        ``resampled``; ``step_size`` (the ULA step size :math:`h` of the move, every
+        method); with ``schedule="adaptive"``, ``num_substeps``; with
+        ``adapt_step_size``, ``acceptance`` (the weighted acceptance proxy of the move).
         ``extra`` holds what ``trace_fn(params, state)`` returned at :math:`\\theta_k`, when
         given. With ``snapshot_every``, ``snapshots`` is a dict with the snapshot axis
         first: ``iteration`` (the iterations :math:`k = 0, m, 2m, \\dots`), ``particles``
@@ -155,6 +164,11 @@ def fit(
     warn_ess_floor: float | None = 0.05,
     warn_khat: float | None = 0.7,
     warn_patience: int = 20,
+    schedule: str = "fixed",
+    target_ess: float = 0.5,
+    max_substeps: int = 10,
+    adapt_step_size: bool = False,
+    target_acceptance: float = 0.7,
 ) -> FitResult:
     """Train ``potential_fn`` on ``data`` by its cross-entropy.
 
@@ -223,6 +237,17 @@ def fit(
         consecutive snapshots spanning at least ``warn_patience`` iterations (at least one
         snapshot). The message gives the iteration range and what to change. ``None``
         switches a check off.
+    schedule, target_ess, max_substeps
+        ``"fixed"``: one kernel call per iteration. ``"adaptive"`` (``"jarzynski"`` only):
+        the move :math:`\\theta_k \\to \\theta_{k+1}` is split into sub-steps that keep the
+        conditional ESS at ``target_ess`` (in (0, 1)), at most ``max_substeps`` (>= 1) of
+        them (:func:`numpyro_ebm.jarzynski_ula.build_adaptive_kernel`); the trace records
+        ``num_substeps``.
+    adapt_step_size, target_acceptance
+        Adapt :math:`h` by dual averaging so that the weighted acceptance proxy
+        :math:`\\sum_i w_i \\min(1, e^{\\Delta A^i - c})` (:mod:`numpyro_ebm.schedule`) reaches
+        ``target_acceptance`` (``"jarzynski"`` only; ``step_size`` is the starting value).
+        The trace records ``step_size`` and ``acceptance``. Off by default.
     """
     num_data = _validate(
         potential_fn, params, data, optimizer, method, num_walkers, step_size, num_iterations,
@@ -238,6 +263,19 @@ def fit(
         raise ValueError(f"`warn_khat` must be finite, got {warn_khat}")
     _checks.check_int_at_least("warn_patience", warn_patience, 1)
     weighted = method == "jarzynski"
+    if schedule not in ("fixed", "adaptive"):
+        raise ValueError(f"`schedule` must be 'fixed' or 'adaptive', got {schedule!r}")
+    adaptive = schedule == "adaptive"
+    if adaptive:
+        _checks.check_fraction("target_ess", target_ess, closed_right=False)
+        _checks.check_int_at_least("max_substeps", max_substeps, 1)
+    if adapt_step_size:
+        _checks.check_fraction("target_acceptance", target_acceptance, closed_right=False)
+    if (adaptive or adapt_step_size) and not weighted:
+        raise ValueError(
+            f"`schedule='adaptive'` and `adapt_step_size` need the Jarzynski weights; "
+            f"`method` is {method!r}"
+        )
     init_key, loop_key = jax.random.split(rng_key)
     if init_particles is None:
         if method == "cd":
@@ -261,13 +299,20 @@ def fit(
     state = init(init_particles, params, potential_fn)
     opt_state = optimizer.init(params)
 
-    kernel = _build_kernel(
-        potential_fn, step_size, resampling_fn, ess_threshold, num_steps, reweight=weighted
-    )
+    if adaptive:
+        kernel = build_adaptive_kernel(
+            potential_fn, step_size, target_ess, max_substeps, resampling_fn, ess_threshold,
+            num_steps,
+        )
+    else:
+        kernel = _build_kernel(
+            potential_fn, step_size, resampling_fn, ess_threshold, num_steps, reweight=weighted
+        )
+    step_control = step_size_adaptation(target_acceptance) if adapt_step_size else None
 
     def iteration_with_weights(carry, iteration):
         """One iteration; also returns the normalised log weights before resampling."""
-        params, opt_state, state = carry
+        params, opt_state, state, step_state = carry
         key = jax.random.fold_in(loop_key, iteration)
         batch_key, move_key, restart_key = jax.random.split(key, 3)
         if batch_size is None:
@@ -275,7 +320,7 @@ def fit(
         else:
             batch = _take(data, jax.random.choice(batch_key, num_data, (batch_size,), False))
         data_energy, grads = ce_value_and_grad(potential_fn, params, batch, state)
-        row = {"grad_norm": optax.global_norm(grads), "data_energy": data_energy}
+        row = {"grad_norm": optax.tree.norm(grads), "data_energy": data_energy}
         if weighted:
             row["log_normalizer"] = state.log_normalizer
             if log_z0 is not None:
@@ -293,19 +338,30 @@ def fit(
 
             state = jax.lax.cond(restart, from_data, lambda _: state, None)
         moved_log_weights = state.log_weights
-        state, info = kernel(move_key, state, new_params)
-        row["step_size"] = jnp.asarray(step_size, state.potential.dtype)
+        h = jnp.asarray(step_size if step_state is None else step_state.step_size,
+                        state.potential.dtype)
+        state, info = kernel(move_key, state, new_params, h)
+        row["step_size"] = h
         pre_log_weights = None
         if weighted:
-            # weights after the move, before resampling: softmax(A + sum of increments)
-            unnormalised = moved_log_weights + info.log_weight_increments
-            log_total = logsumexp(unnormalised)
-            pre_log_weights = unnormalised - log_total
+            if adaptive:
+                pre_log_weights = info.log_weights_before_resampling
+                start_log_weights = info.log_weights_before_last_substep
+                row["num_substeps"] = info.num_substeps
+            else:
+                # weights after the move, before resampling: softmax(A + sum of increments)
+                unnormalised = moved_log_weights + info.log_weight_increments
+                pre_log_weights = unnormalised - logsumexp(unnormalised)
+                start_log_weights = moved_log_weights
             row["ess"] = info.ess
             row["normalized_ess"] = info.ess / num_walkers
-            row["max_weight"] = jnp.exp(jnp.max(unnormalised) - log_total)
+            row["max_weight"] = jnp.exp(jnp.max(pre_log_weights))
             row["resampled"] = info.resampled
-        return (new_params, opt_state, state), row, pre_log_weights
+            if step_state is not None:
+                acceptance = acceptance_proxy(start_log_weights, info.log_weight_increments)
+                row["acceptance"] = acceptance
+                step_state = step_control.update(step_state, acceptance)
+        return (new_params, opt_state, state, step_state), row, pre_log_weights
 
     def one_iteration(carry, iteration):
         carry, row, _ = iteration_with_weights(carry, iteration)
@@ -351,7 +407,10 @@ def fit(
         return carry, rows, snaps
 
     chunk = min(num_iterations, chunk_size or 250)
-    carry = (params, opt_state, state)
+    step_state = None if step_control is None else step_control.init(
+        jnp.asarray(step_size, state.potential.dtype)
+    )
+    carry = (params, opt_state, state, step_state)
     rows, snaps = [], []
     bar = None
     if progress:
@@ -398,7 +457,7 @@ def fit(
         message = _degeneracy_message(trace, warn_ess_floor, warn_khat, warn_patience)
         if message is not None:
             warnings.warn(message, WeightDegeneracyWarning, stacklevel=2)
-    params, opt_state, state = carry
+    params, opt_state, state, _ = carry
     return FitResult(params=params, state=state, trace=trace, opt_state=opt_state, method=method)
 
 

@@ -17,6 +17,7 @@ def test_gmm_command_writes_table_png_and_json(tmp_path, capsys):
     for method in ("jarzynski", "pcd", "cd"):
         assert method in out
     assert (tmp_path / "gmm.png").stat().st_size > 10_000
+    assert (tmp_path / "gmm_training_jarzynski.png").stat().st_size > 10_000
     summary = json.loads((tmp_path / "gmm.json").read_text())
     assert set(summary["methods"]) == {"jarzynski", "pcd", "cd"}
     assert "ce_estimate_error" in summary["methods"]["jarzynski"]

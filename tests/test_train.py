@@ -155,3 +155,56 @@ def test_bad_input_names_the_argument(kw, match):
     potential_fn, params, data = args.pop("potential_fn"), args.pop("params"), args.pop("data")
     with pytest.raises((ValueError, TypeError), match=match):
         fit(potential_fn, params, data, **args)
+
+
+def test_adaptive_schedule_splits_a_huge_step_and_keeps_the_log_normalizer():
+    """Learning rate 1 on the mean only (scale fixed, so log Z never changes): the first
+    step jumps the mean by |(3, 3)| = 4.2 walker widths. With schedule="adaptive" the move
+    is split into sub-steps and the Jarzynski log normaliser stays at its exact value 0
+    within Monte Carlo error; the fixed schedule's ESS collapses on the same run."""
+    data, params = small_problem(jnp.float32, n_data=400)
+    data = data + 1.5  # mean 3 per coordinate
+    optimizer = optax.multi_transform(
+        {"mu": optax.sgd(1.0), "log_scale": optax.set_to_zero()},
+        {"mu": "mu", "log_scale": "log_scale"},
+    )
+    common = dict(
+        optimizer=optimizer, method="jarzynski", num_iterations=10, num_walkers=2000,
+        step_size=0.2, num_steps=5, rng_key=jax.random.key(3), warn_ess_floor=None,
+        init_particles=lambda key, n: jax.random.normal(key, (n, 2)),
+    )
+    adaptive = fit(u, params, data, schedule="adaptive", target_ess=0.5, max_substeps=50, **common)
+    fixed = fit(u, params, data, **common)
+    assert adaptive.trace["num_substeps"][0] > 1
+    assert fixed.trace["normalized_ess"][0] < 0.05
+    assert adaptive.trace["normalized_ess"][0] > 10 * fixed.trace["normalized_ess"][0]
+    # MC error of one Jarzynski segment ~ 1/sqrt(ESS); segments between resamplings add up
+    n_res = int(np.sum(adaptive.trace["resampled"])) + int(adaptive.trace["num_substeps"].sum())
+    bound = 4 * math.sqrt(n_res + 1) / math.sqrt(float(np.min(adaptive.trace["ess"])))
+    assert np.max(np.abs(adaptive.trace["log_normalizer"])) < bound
+    assert abs(float(fixed.state.log_normalizer)) > abs(float(adaptive.state.log_normalizer))
+
+
+def test_step_size_adaptation_in_fit_records_and_moves_the_step_size():
+    result = run(
+        "jarzynski", num_iterations=150, num_walkers=500, step_size=1.5,
+        adapt_step_size=True, target_acceptance=0.7, warn_ess_floor=None,
+    )
+    steps = result.trace["step_size"]
+    assert steps[0] == np.float32(1.5) and steps[-1] < 1.0
+    assert abs(float(np.mean(result.trace["acceptance"][-50:])) - 0.7) < 0.1
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"schedule": "cosine"}, "schedule"),
+        ({"schedule": "adaptive", "target_ess": 1.0}, "target_ess"),
+        ({"schedule": "adaptive", "max_substeps": 0}, "max_substeps"),
+        ({"adapt_step_size": True, "target_acceptance": 1.2}, "target_acceptance"),
+        ({"schedule": "adaptive", "method": "pcd"}, "method"),
+    ],
+)
+def test_schedule_bad_input_names_the_argument(kw, match):
+    with pytest.raises(ValueError, match=match):
+        run(num_iterations=2, **kw)

@@ -180,6 +180,8 @@ def _run(config: GMMConfig, progress: bool) -> dict[str, Any]:
         "log_z0": log_z0,
         "teacher_params": teacher,
     }
+    from numpyro_ebm.diagnostics import pareto_khat
+
     for method in config.methods:
         t0 = time.perf_counter()
         result: FitResult = fit(
@@ -198,6 +200,8 @@ def _run(config: GMMConfig, progress: bool) -> dict[str, Any]:
             cd_restart_every=config.cd_restart_every,
             trace_fn=trace_fn,
             progress=progress,
+            snapshot_every=max(1, config.num_iterations // 8),
+            khat_fn=pareto_khat,
         )
         jax.block_until_ready(result.params)
         wall = time.perf_counter() - t0
