@@ -6,7 +6,13 @@ from numpyro_ebm.distributions import EnergyBased, energy_based_from_fit
 from numpyro_ebm.estimators import ce_estimate, ce_grad
 from numpyro_ebm.jarzynski_ula import JarzynskiInfo, JarzynskiState
 from numpyro_ebm.normalizer import LogNormalizerEstimate, estimate_log_normalizer
-from numpyro_ebm.train import FitResult, WeightDegeneracyWarning, fit
+from numpyro_ebm.train import (
+    EnergyDivergenceWarning,
+    FitResult,
+    NonFiniteError,
+    WeightDegeneracyWarning,
+    fit,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -22,6 +28,8 @@ __all__ = [
     "fit",
     "FitResult",
     "WeightDegeneracyWarning",
+    "EnergyDivergenceWarning",
+    "NonFiniteError",
     "estimate_log_normalizer",
     "LogNormalizerEstimate",
 ]

@@ -56,6 +56,8 @@ class EnergyBased(Distribution):
         Default: ``real`` for scalar events, ``real_vector`` for vectors,
         ``independent(real, k)`` for ``k``-dimensional events.
 
+    Notes
+    -----
     :meth:`log_prob` is :math:`-U_\theta(x) - \log Z_\theta` (vmapped over the batch axes
     of ``value``). :meth:`sample` resamples the walkers by weight: draws are i.i.d. from
     the weighted empirical measure :math:`\sum_i w_i \delta_{X^i}`, so they repeat walker

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from numpyro_ebm import _checks
 from numpyro_ebm.jarzynski_ula import JarzynskiState, PotentialFn
 
 __all__ = ["ce_grad", "ce_estimate", "ce_value_and_grad", "mean_energy"]
@@ -53,6 +54,14 @@ def ce_value_and_grad(
     return data_energy, grads
 
 
+def _check_inputs(data: Any, state: JarzynskiState) -> None:
+    if not isinstance(state, JarzynskiState):
+        raise TypeError(f"`state` must be a JarzynskiState, got {type(state).__name__}")
+    _checks.leading_size("data", data)
+    _checks.check_finite_tree("data", data)
+    _checks.check_same_event_shape("data", data, "state.particles", state.particles)
+
+
 def ce_grad(potential_fn: PotentialFn, params: Any, data: Any, state: JarzynskiState) -> Any:
     """Cross-entropy gradient
     :math:`D = \\frac1n\\sum_j \\nabla_\\theta U_\\theta(x_j) - \\sum_i w_i \\nabla_\\theta U_\\theta(X^i)`.
@@ -61,6 +70,7 @@ def ce_grad(potential_fn: PotentialFn, params: Any, data: Any, state: JarzynskiS
     and their log weights (normalised or not: only their softmax is used). Returns a pytree
     shaped like ``params``.
     """
+    _check_inputs(data, state)
     return ce_value_and_grad(potential_fn, params, data, state)[1]
 
 
@@ -77,4 +87,7 @@ def ce_estimate(
     ``log_z0`` is the log normaliser of the model the walkers started from (closed-form for
     a Gaussian start); the ratio is the state's Jarzynski ``log_normalizer``.
     """
+    _check_inputs(data, state)
+    if _checks.is_concrete(log_z0) and not bool(jnp.isfinite(jnp.asarray(log_z0))):
+        raise ValueError(f"`log_z0` must be finite, got {log_z0}")
     return mean_energy(potential_fn, params, data) + log_z0 + state.log_normalizer

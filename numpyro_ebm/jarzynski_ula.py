@@ -117,7 +117,11 @@ class JarzynskiInfo(NamedTuple):
         Change of the log-normaliser estimate, :math:`\\log \\sum_i w_i e^{\\Delta A^i}`
         summed over the call's moves.
     log_weight_increments
-        :math:`\\Delta A^i`, summed over the call's moves, per walker (before resampling).
+        :math:`\\Delta A^i`, summed over the call's moves, per walker (before resampling);
+        :math:`-\\infty` for a walker whose evaluation was not finite.
+    num_nonfinite
+        Walkers whose new position, energy or gradient was not finite in some move of the
+        call: they got weight zero and kept their last finite values.
     """
 
     ess: jax.Array
@@ -125,6 +129,7 @@ class JarzynskiInfo(NamedTuple):
     ancestors: jax.Array
     log_normalizer_increment: jax.Array
     log_weight_increments: jax.Array
+    num_nonfinite: jax.Array
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,6 +238,18 @@ def init(particles: ArrayTree, params: ArrayTree, potential_fn: PotentialFn) -> 
     )
 
 
+def _per_walker_finite(tree: ArrayTree) -> jax.Array:
+    """True for walkers whose every entry in ``tree`` is finite, shape ``(num_walkers,)``."""
+    parts = [
+        jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+        for leaf in jax.tree.leaves(tree)
+    ]
+    out = parts[0]
+    for part in parts[1:]:
+        out = out & part
+    return out
+
+
 def _reweight(
     state: JarzynskiState,
     new_particles: ArrayTree,
@@ -241,10 +258,20 @@ def _reweight(
     params: ArrayTree,
     step_size: jax.Array,
     reweight: bool = True,
-) -> tuple[JarzynskiState, jax.Array, jax.Array]:
+) -> tuple[JarzynskiState, jax.Array, jax.Array, jax.Array]:
     """The state after the move ``state.particles -> new_particles`` (with
     :math:`U_{k+1}, \\nabla U_{k+1}` at the new walkers given): Jarzynski weight update,
-    normalisation, and the log-normaliser increment :math:`\\log\\sum_i w_i e^{\\Delta A^i}`."""
+    normalisation, and the log-normaliser increment :math:`\\log\\sum_i w_i e^{\\Delta A^i}`.
+
+    Walkers whose new position, energy, gradient or increment is not finite get weight
+    zero (:math:`\\Delta A = -\\infty`) and keep their previous, finite position and
+    cached values, so nothing non-finite enters the state; resampling replaces them. If
+    no walker keeps a positive weight, the weights are left as they were and the
+    log-normaliser estimate becomes NaN (``fit`` stops there). Returns the state, the
+    increments, the log-normaliser increment and the mask of non-finite walkers.
+    """
+    finite = _per_walker_finite(new_particles) & _per_walker_finite(new_grad)
+    finite = finite & jnp.isfinite(new_potential)
     if reweight:
         delta = log_weight_increment(
             state.potential,
@@ -255,22 +282,31 @@ def _reweight(
             new_particles,
             step_size,
         )
+        finite = finite & jnp.isfinite(delta)
+        delta = jnp.where(finite, delta, -jnp.inf)
         unnormalised = state.log_weights + delta
         increment = logsumexp(unnormalised)
-        log_weights = unnormalised - increment
+        alive = jnp.isfinite(increment)
+        log_weights = jnp.where(alive, unnormalised - increment, state.log_weights)
+        increment = jnp.where(alive, increment, jnp.nan)
     else:
         delta = jnp.zeros_like(state.log_weights)
         increment = jnp.zeros_like(state.log_normalizer)
         log_weights = state.log_weights
+
+    def keep_finite(new, old):
+        mask = finite.reshape(finite.shape + (1,) * (new.ndim - 1))
+        return jnp.where(mask, new, old)
+
     new_state = JarzynskiState(
-        particles=new_particles,
+        particles=jax.tree.map(keep_finite, new_particles, state.particles),
         log_weights=log_weights,
         params=params,
-        potential=new_potential,
-        grad=new_grad,
+        potential=jnp.where(finite, new_potential, state.potential),
+        grad=jax.tree.map(keep_finite, new_grad, state.grad),
         log_normalizer=state.log_normalizer + increment,
     )
-    return new_state, delta, increment
+    return new_state, delta, increment, ~finite
 
 
 def _move(
@@ -280,7 +316,7 @@ def _move(
     potential_fn: PotentialFn,
     step_size: jax.Array,
     reweight: bool,
-) -> tuple[JarzynskiState, jax.Array, jax.Array]:
+) -> tuple[JarzynskiState, jax.Array, jax.Array, jax.Array]:
     """One ULA move under ``state.params`` followed by re-weighting to ``params``."""
     new_particles = ula_proposal(rng_key, state.particles, state.grad, step_size)
     new_potential, new_grad = potential_and_grad(potential_fn, params, new_particles)
@@ -338,13 +374,14 @@ def _build_kernel(
         move_key, resample_key = jax.random.split(rng_key)
 
         def one_move(carry, key):
-            st, delta_sum = carry
-            st, delta, increment = _move(key, st, params, potential_fn, h, reweight)
-            return (st, delta_sum + delta), increment
+            st, delta_sum, bad_any = carry
+            st, delta, increment, bad = _move(key, st, params, potential_fn, h, reweight)
+            return (st, delta_sum + delta, bad_any | bad), increment
 
-        (state, delta_sum), increments = jax.lax.scan(
+        n_walkers = _num_walkers(state)
+        (state, delta_sum, bad_any), increments = jax.lax.scan(
             one_move,
-            (state, jnp.zeros_like(state.log_weights)),
+            (state, jnp.zeros_like(state.log_weights), jnp.zeros((n_walkers,), bool)),
             jax.random.split(move_key, num_steps),
         )
         if reweight:
@@ -362,6 +399,7 @@ def _build_kernel(
             ancestors=ancestors,
             log_normalizer_increment=jnp.sum(increments),
             log_weight_increments=delta_sum,
+            num_nonfinite=jnp.sum(bad_any).astype(jnp.int32),
         )
         return state, info
 
@@ -473,6 +511,8 @@ class AdaptiveJarzynskiInfo(NamedTuple):
     log_weights_before_last_substep
         Normalised log weights the last sub-step started from (with
         ``log_weight_increments`` they give its acceptance proxy).
+    num_nonfinite
+        Largest number of walkers with a non-finite evaluation in one sub-step.
     """
 
     ess: jax.Array
@@ -487,6 +527,7 @@ class AdaptiveJarzynskiInfo(NamedTuple):
     num_evaluations: jax.Array
     log_weights_before_resampling: jax.Array
     log_weights_before_last_substep: jax.Array
+    num_nonfinite: jax.Array
 
 
 def conditional_log_ess(log_weights: jax.Array, increments: jax.Array) -> jax.Array:
@@ -633,35 +674,34 @@ def build_adaptive_kernel(
             cess = jnp.exp(conditional_log_ess(
                 st.log_weights, forward - _alpha(u_new, g_new, x_new, st.particles, h)
             ))
-            st, delta, inc = _reweight(st, x_new, u_new, g_new, new_params, h)
+            st, delta, inc, bad = _reweight(st, x_new, u_new, g_new, new_params, h)
 
             def further(carry, k):
-                s, d, i = carry
-                s, d2, i2 = _move(k, s, new_params, potential_fn, h, True)
-                return (s, d + d2, i + i2), None
+                s, d, i, b = carry
+                s, d2, i2, b2 = _move(k, s, new_params, potential_fn, h, True)
+                return (s, d + d2, i + i2, b | b2), None
 
             if num_steps > 1:
-                (st, delta, inc), _ = jax.lax.scan(
-                    further, (st, delta, inc), jax.random.split(more_key, num_steps - 1)
+                (st, delta, inc, bad), _ = jax.lax.scan(
+                    further, (st, delta, inc, bad), jax.random.split(more_key, num_steps - 1)
                 )
             pre_resampling = st.log_weights
             st, ess, resampled, ancestors = _maybe_resample(
                 resample_key, st, resampling_fn, ess_threshold
             )
             return (st, new_lam, ess, resampled, ancestors, inc, delta, cess, evaluations,
-                    pre_resampling)
+                    pre_resampling, jnp.sum(bad).astype(jnp.int32))
 
         def cond(carry):
             _, lam, count, *_ = carry
             return jnp.logical_and(lam < 1.0, count < max_substeps)
 
         def body(carry):
-            st, lam, count, key, ancestors, min_ess, min_cess, n_res, log_z_inc, _, _, n_eval, _, _ = (
-                carry
-            )
+            (st, lam, count, key, ancestors, min_ess, min_cess, n_res, log_z_inc, _, _, n_eval, _, _,
+             n_bad) = carry
             key, step_key = jax.random.split(key)
             before = st.log_weights
-            st, lam, ess, resampled, anc, inc, delta, cess, evals, pre = substep(
+            st, lam, ess, resampled, anc, inc, delta, cess, evals, pre, bad = substep(
                 st, lam, count, step_key
             )
             return (
@@ -679,6 +719,7 @@ def build_adaptive_kernel(
                 n_eval + evals,
                 pre,
                 before,
+                jnp.maximum(n_bad, bad),
             )
 
         init_carry = (
@@ -696,9 +737,10 @@ def build_adaptive_kernel(
             jnp.asarray(0, jnp.int32),
             state.log_weights,
             state.log_weights,
+            jnp.asarray(0, jnp.int32),
         )
         (st, _, count, _, ancestors, min_ess, min_cess, n_res, log_z_inc, ess, increments,
-         n_eval, pre_resampling, before_last) = jax.lax.while_loop(cond, body, init_carry)
+         n_eval, pre_resampling, before_last, n_bad) = jax.lax.while_loop(cond, body, init_carry)
         info = AdaptiveJarzynskiInfo(
             ess=ess,
             resampled=n_res > 0,
@@ -712,6 +754,7 @@ def build_adaptive_kernel(
             num_evaluations=n_eval,
             log_weights_before_resampling=pre_resampling,
             log_weights_before_last_substep=before_last,
+            num_nonfinite=n_bad,
         )
         return st, info
 

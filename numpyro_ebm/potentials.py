@@ -185,13 +185,14 @@ def from_flax(
 
     Returns
     -------
-    ``(potential_fn, params)``.
+    tuple
+        ``(potential_fn, params)``.
 
-    * NNX: ``params`` is ``nnx.split(module, nnx.Param, ...)[1]``, the ``nnx.State`` of
-      the module's ``nnx.Param`` variables (a pytree, usable with optax and :func:`fit`);
-      ``potential_fn.to_module(params)`` returns a module with trained params put back.
-    * Linen: ``params`` is ``variables["params"]``;
-      ``potential_fn.to_variables(params)`` returns the full variables dict.
+        * NNX: ``params`` is ``nnx.split(module, nnx.Param, ...)[1]``, the ``nnx.State`` of
+          the module's ``nnx.Param`` variables (a pytree, usable with optax and :func:`fit`);
+          ``potential_fn.to_module(params)`` returns a module with trained params put back.
+        * Linen: ``params`` is ``variables["params"]``;
+          ``potential_fn.to_variables(params)`` returns the full variables dict.
 
     What is supported
     -----------------

@@ -51,13 +51,33 @@ from numpyro_ebm.jarzynski_ula import (
 )
 from numpyro_ebm.schedule import acceptance_proxy, step_size_adaptation
 
-__all__ = ["fit", "FitResult", "METHODS", "WeightDegeneracyWarning"]
+__all__ = [
+    "fit",
+    "FitResult",
+    "METHODS",
+    "WeightDegeneracyWarning",
+    "EnergyDivergenceWarning",
+    "NonFiniteError",
+]
 
 METHODS = ("jarzynski", "pcd", "cd")
 
 
 class WeightDegeneracyWarning(RuntimeWarning):
     """Issued by :func:`fit` (once per run) when the Jarzynski weights stay degenerate."""
+
+
+class EnergyDivergenceWarning(RuntimeWarning):
+    """Issued by :func:`fit` (once per run) when the energies grow without bound."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised by :func:`fit` when training cannot go on; ``result`` holds the last good
+    state (a :class:`FitResult`)."""
+
+    def __init__(self, message: str, result: FitResult):
+        super().__init__(message)
+        self.result = result
 
 
 class FitResult(NamedTuple):
@@ -169,6 +189,10 @@ def fit(
     max_substeps: int = 10,
     adapt_step_size: bool = False,
     target_acceptance: float = 0.7,
+    divergence_factor: float | None = 1e4,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> FitResult:
     """Train ``potential_fn`` on ``data`` by its cross-entropy.
 
@@ -248,6 +272,28 @@ def fit(
         :math:`\\sum_i w_i \\min(1, e^{\\Delta A^i - c})` (:mod:`numpyro_ebm.schedule`) reaches
         ``target_acceptance`` (``"jarzynski"`` only; ``step_size`` is the starting value).
         The trace records ``step_size`` and ``acceptance``. Off by default.
+    divergence_factor
+        One :class:`EnergyDivergenceWarning` is issued when the largest walker energy
+        :math:`\\max_i |U_{\\theta_k}(X^i)|` or the mean data energy exceeds this factor
+        times its size at the start (at least 1). ``None`` switches the check off.
+    checkpoint_dir, checkpoint_every, resume
+        With ``checkpoint_dir``, an Orbax checkpoint (parameters, optimiser state, walker
+        state, step-size state, trace, and a record of the run and its PRNG key) is
+        written every ``checkpoint_every`` iterations (default: every chunk) and at the
+        end; the last three are kept. ``resume=True`` continues from the latest one: the
+        result equals that of an uninterrupted run. A checkpoint of another run (other
+        method, walker count, shapes or key) or an unreadable one raises ``ValueError``
+        and is left as it is. With ``snapshot_every``, ``checkpoint_every`` must be a
+        multiple of it.
+
+    Raises
+    ------
+    NonFiniteError
+        When every walker's energy or gradient became non-finite, or the gradient did, at
+        some iteration ``k``. The message names ``k``; ``error.result`` is the
+        :class:`FitResult` at the start of iteration ``k`` (the last good parameters and
+        walkers, the trace up to ``k``). Walkers that become non-finite one by one only
+        lose their weight (``trace["num_nonfinite"]``) and are replaced at resampling.
     """
     num_data = _validate(
         potential_fn, params, data, optimizer, method, num_walkers, step_size, num_iterations,
@@ -340,8 +386,11 @@ def fit(
         moved_log_weights = state.log_weights
         h = jnp.asarray(step_size if step_state is None else step_state.step_size,
                         state.potential.dtype)
+        live = jnp.isfinite(state.log_weights)
+        row["max_abs_potential"] = jnp.max(jnp.where(live, jnp.abs(state.potential), 0.0))
         state, info = kernel(move_key, state, new_params, h)
         row["step_size"] = h
+        row["num_nonfinite"] = info.num_nonfinite
         pre_log_weights = None
         if weighted:
             if adaptive:
@@ -412,15 +461,69 @@ def fit(
     )
     carry = (params, opt_state, state, step_state)
     rows, snaps = [], []
+
+    checkpointer = None
+    if checkpoint_every is not None:
+        _checks.check_int_at_least("checkpoint_every", checkpoint_every, 1)
+        if checkpoint_dir is None:
+            raise ValueError("`checkpoint_every` needs `checkpoint_dir`")
+        if snapshot_every is not None and checkpoint_every % snapshot_every:
+            raise ValueError(
+                f"`checkpoint_every` ({checkpoint_every}) must be a multiple of "
+                f"`snapshot_every` ({snapshot_every})"
+            )
+    if resume and checkpoint_dir is None:
+        raise ValueError("`resume=True` needs `checkpoint_dir`")
+    start = 0
+    if checkpoint_dir is not None:
+        from numpyro_ebm.checkpoint import Checkpointer, run_metadata
+
+        checkpointer = Checkpointer(
+            checkpoint_dir,
+            run_metadata(
+                method=method, num_walkers=num_walkers, params=params,
+                particles=state.particles, data=data, rng_key=rng_key,
+                options={
+                    "schedule": schedule, "adapt_step_size": adapt_step_size,
+                    "snapshot_every": snapshot_every, "trace_fn": trace_fn is not None,
+                    "num_steps": num_steps, "batch_size": batch_size,
+                },
+            ),
+        )
+        if resume:
+            restored = checkpointer.restore(carry)
+            if restored is not None:
+                start, carry, saved = restored
+                saved_snaps = saved.pop("snapshots", None)
+                if start > 0:
+                    rows.append(saved)
+                    if saved_snaps is not None:
+                        snaps.append(saved_snaps)
+        elif checkpointer.latest_iteration() is not None:
+            raise ValueError(
+                f"`checkpoint_dir` {checkpoint_dir!r} already holds checkpoints: pass "
+                "`resume=True` to continue that run, or choose another directory"
+            )
+    every = checkpoint_every or chunk
+
+    def trace_so_far():
+        trace = _concat_trace(rows)
+        if snaps:
+            trace["snapshots"] = _concat_trace(snaps)
+        return trace
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_iterations, desc=f"fit[{method}]", unit="it")
-    start = 0
+        bar = tqdm(total=num_iterations, initial=min(start, num_iterations),
+                   desc=f"fit[{method}]", unit="it")
     try:
         while start < num_iterations:
             remaining = num_iterations - start
+            if checkpointer is not None:
+                remaining = min(remaining, every - start % every)
+            chunk_start_carry = carry
             if snapshot_every is None:
                 length = min(chunk, remaining)
                 carry, chunk_rows, chunk_snaps = run_chunk(carry, jnp.asarray(start), length)
@@ -432,10 +535,26 @@ def fit(
                 carry, chunk_rows, chunk_snaps = run_snapshot_chunk(
                     carry, jnp.asarray(start), num_blocks, block_len
                 )
-                snaps.append(jax.device_get(chunk_snaps))
             chunk_rows = jax.device_get(chunk_rows)
+            bad = _first_failure(chunk_rows, num_walkers)
+            if bad is not None:
+                good = chunk_start_carry
+                if bad > 0:
+                    good = run_chunk(chunk_start_carry, jnp.asarray(start), bad)[0]
+                    rows.append(jax.tree.map(lambda leaf, b=bad: leaf[:b], chunk_rows))
+                p_good, o_good, s_good, _ = good
+                partial_trace = trace_so_far() if rows else {}
+                raise NonFiniteError(
+                    _failure_message(chunk_rows, bad, start + bad, num_walkers),
+                    FitResult(params=p_good, state=s_good, trace=partial_trace,
+                              opt_state=o_good, method=method),
+                )
+            if chunk_snaps is not None:
+                snaps.append(jax.device_get(chunk_snaps))
             rows.append(chunk_rows)
             start += length
+            if checkpointer is not None and (start % every == 0 or start == num_iterations):
+                checkpointer.save(start, carry, trace_so_far())
             if bar is not None:
                 bar.update(length)
                 if weighted:
@@ -446,19 +565,81 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
-    trace = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *rows)
-    if snaps:
-        trace["snapshots"] = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *snaps)
-        if weighted and khat_fn is not None:
-            trace["snapshots"]["pareto_k"] = np.asarray(
-                [float(khat_fn(lw)) for lw in trace["snapshots"]["log_weights_before_resampling"]]
-            )
+    trace = trace_so_far()
+    if "snapshots" in trace and weighted and khat_fn is not None:
+        trace["snapshots"]["pareto_k"] = np.asarray(
+            [float(khat_fn(lw)) for lw in trace["snapshots"]["log_weights_before_resampling"]]
+        )
+    if divergence_factor is not None:
+        message = _divergence_message(trace, divergence_factor)
+        if message is not None:
+            warnings.warn(message, EnergyDivergenceWarning, stacklevel=2)
     if weighted:
         message = _degeneracy_message(trace, warn_ess_floor, warn_khat, warn_patience)
         if message is not None:
             warnings.warn(message, WeightDegeneracyWarning, stacklevel=2)
     params, opt_state, state, _ = carry
     return FitResult(params=params, state=state, trace=trace, opt_state=opt_state, method=method)
+
+
+def _concat_trace(pieces: list[Any]) -> dict[str, Any]:
+    """Concatenate trace pieces (chunks, or a restored checkpoint and chunks) along the
+    iteration axis; pieces share leaf order, the last one gives the structure."""
+    treedef = jax.tree.structure(pieces[-1])
+    leaves = [jax.tree.leaves(p) for p in pieces]
+    return jax.tree.unflatten(
+        treedef, [np.concatenate(parts, axis=0) for parts in zip(*leaves, strict=True)]
+    )
+
+
+def _first_failure(rows: dict[str, Any], num_walkers: int) -> int | None:
+    """Index of the first row whose gradient is not finite or whose move lost every
+    walker, or ``None``."""
+    bad = ~np.isfinite(rows["grad_norm"]) | (rows["num_nonfinite"] >= num_walkers)
+    if "log_normalizer" in rows:
+        bad |= ~np.isfinite(rows["log_normalizer"])
+    idx = np.flatnonzero(bad)
+    return int(idx[0]) if idx.size else None
+
+
+def _failure_message(rows: dict[str, Any], bad: int, iteration: int, num_walkers: int) -> str:
+    if not np.isfinite(rows["grad_norm"][bad]):
+        what = "the cross-entropy gradient is not finite"
+    else:
+        what = f"all {num_walkers} walkers' energies or gradients became non-finite"
+    if "log_normalizer" in rows and not np.isfinite(rows["log_normalizer"][bad]):
+        what = f"all {num_walkers} walkers lost their weight (non-finite energies)"
+    return (
+        f"training stopped at iteration {iteration}: {what}. The error's `result` holds the "
+        f"parameters and walkers at the start of iteration {iteration}. Lower the learning "
+        "rate or clip gradients (optax.clip_by_global_norm), lower `step_size`, or add a "
+        "confining term to the energy."
+    )
+
+
+def _divergence_message(trace: dict[str, Any], factor: float) -> str | None:
+    """Text of the energy-divergence warning, or ``None``."""
+    findings = []
+    for name, label in (("max_abs_potential", "largest |walker energy|"),
+                        ("data_energy", "|mean data energy|")):
+        values = np.abs(np.asarray(trace[name], np.float64))
+        if values.size == 0:
+            continue
+        reference = max(1.0, float(values[0]))
+        over = np.flatnonzero(values > factor * reference)
+        if over.size:
+            findings.append(
+                f"{label} grew from {values[0]:.3g} to {values[over[0]]:.3g} by iteration "
+                f"{int(over[0])} (max {values.max():.3g})"
+            )
+    if not findings:
+        return None
+    return (
+        "energies diverge: " + "; ".join(findings) + ". The model is running away from "
+        "the data (often a too-large learning rate or an energy with no confining term). "
+        "Lower the learning rate, clip gradients (optax.clip_by_global_norm), add a "
+        "confining term such as |x|^2 / (2 sigma^2) or weight decay."
+    )
 
 
 def _first_long_run(mask: np.ndarray, min_length: int) -> tuple[int, int] | None:

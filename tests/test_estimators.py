@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from numpyro_ebm import ce_estimate, ce_grad
 from numpyro_ebm import jarzynski_ula as ju
@@ -62,3 +63,25 @@ def test_ce_estimate_is_exact_for_a_known_normaliser(x64):
     state = state._replace(log_normalizer=jnp.asarray(d * 0.3))
     exact = jnp.mean(jax.vmap(u, (None, 0))(params, data)) + log_z0 + d * 0.3
     np.testing.assert_allclose(ce_estimate(u, params, data, state, log_z0), exact, rtol=1e-12)
+
+
+def _state():
+    params = {"mu": jnp.zeros(2), "log_scale": jnp.zeros(())}
+    return params, ju.init(jax.random.normal(jax.random.key(0), (8, 2)), params, u)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda p, s: ce_grad(u, p, jnp.full((4, 2), jnp.nan), s), "data"),
+        (lambda p, s: ce_grad(u, p, jnp.ones((4, 3)), s), "per-sample shape"),
+        (lambda p, s: ce_grad(u, p, jnp.ones((0, 2)), s), "data"),
+        (lambda p, s: ce_grad(u, p, jnp.ones((4, 2)), s.particles), "state"),
+        (lambda p, s: ce_estimate(u, p, jnp.ones((4, 2)), s, float("inf")), "log_z0"),
+        (lambda p, s: ce_estimate(u, p, jnp.ones((4, 2), jnp.int32), s, 0.0), "data"),
+    ],
+)
+def test_bad_input_names_the_argument(call, match):
+    params, state = _state()
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(params, state)

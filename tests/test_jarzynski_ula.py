@@ -308,3 +308,30 @@ def test_adaptive_kernel_bad_input_names_the_argument(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         ju.build_adaptive_kernel(gaussian_potential, **args)
+
+
+def test_non_finite_walkers_get_zero_weight_and_are_replaced(x64):
+    """An energy that is NaN for x0 > 2: walkers that step there get weight 0, keep their
+    last finite values (nothing NaN enters the state) and are not chosen at resampling."""
+
+    def u(params, x):
+        return gaussian_potential(params, x) + jnp.where(x[0] > 2.0, jnp.nan, 0.0)
+
+    p = gaussian_params(jnp.zeros(2), 0.0, jnp.float64)
+    x = jax.random.normal(jax.random.key(0), (400, 2)) * 0.5
+    x = x.at[:5, 0].set(1.99)  # a few walkers right at the edge
+    state = ju.init(x, p, u)
+    kernel = ju.build_kernel(u, 0.5, ess_threshold=1e-9)
+    new, info = kernel(jax.random.key(1), state, p)
+    assert int(info.num_nonfinite) > 0
+    dead = ~np.isfinite(np.asarray(new.log_weights))
+    assert dead.sum() == int(info.num_nonfinite)
+    for leaf in (new.particles, new.potential, new.grad):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    np.testing.assert_allclose(jax.nn.logsumexp(new.log_weights), 0.0, atol=1e-12)
+    assert np.isfinite(float(new.log_normalizer))
+    # resampling never picks a dead walker
+    forced = ju.build_kernel(u, 1e-6, ess_threshold=1.0)
+    _, info2 = forced(jax.random.key(2), new, p)
+    assert bool(info2.resampled)
+    assert not np.any(dead[np.asarray(info2.ancestors)])

@@ -1,0 +1,292 @@
+r"""Handwritten-digit data for the imbalanced-digits experiment.
+
+Two sources, one output type (:class:`DigitSubset`):
+
+* :func:`load_digits`: scikit-learn's 8x8 digits (1797 images, about 180 per class); the
+  data ship inside the scikit-learn package, so nothing is downloaded.
+* :func:`load_mnist`: MNIST 28x28 images from the standard IDX files (``*-idx3-ubyte`` and
+  ``*-idx1-ubyte``, gzipped or not) in a directory given by the user.
+
+Both scale the pixel values linearly to :math:`[-1, 1]` (digits: :math:`v / 8 - 1` for
+:math:`v \in \{0, \dots, 16\}`; MNIST: :math:`v / 127.5 - 1` for :math:`v \in \{0, \dots, 255\}`)
+and draw an imbalanced training subset of the requested classes **exactly** in the requested
+integer proportions: with proportions :math:`p_c` and ``num_samples`` :math:`n`, class
+:math:`c` contributes :math:`n p_c / \sum_{c'} p_{c'}` images (which must be an integer). The
+images of the requested classes that were not drawn are returned beside the subset
+(``rest_images``, ``rest_labels``), e.g. to train a digit classifier on images the
+energy-based model never sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+__all__ = ["DigitSubset", "load_digits", "load_mnist", "read_idx", "exact_counts"]
+
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitSubset:
+    """An imbalanced subset of digit images and the images left out of it.
+
+    images
+        Training subset, shape ``(n, H, W)``, values in :math:`[-1, 1]`, classes in blocks
+        in the order of ``classes`` (shuffle before use if order matters).
+    labels
+        Digit of each image, shape ``(n,)``, ``int32``.
+    rest_images, rest_labels
+        Every other image of the requested classes (same scaling).
+    classes
+        The requested digits.
+    proportions
+        The requested integer proportions (same order as ``classes``).
+    counts
+        ``{digit: number of images in the subset}``.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    rest_images: np.ndarray
+    rest_labels: np.ndarray
+    classes: tuple[int, ...]
+    proportions: tuple[int, ...]
+    counts: dict[int, int]
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def fractions(self) -> np.ndarray:
+        """The exact class fractions of the subset, in the order of ``classes``."""
+        p = np.asarray(self.proportions, np.float64)
+        return p / p.sum()
+
+
+def _check_classes_proportions(classes: Sequence[int], proportions: Sequence[int]) -> tuple:
+    classes = tuple(classes)
+    proportions = tuple(proportions)
+    if not classes:
+        raise ValueError("`classes` must hold at least one digit")
+    for c in classes:
+        if isinstance(c, bool) or not isinstance(c, int | np.integer) or not 0 <= c <= 9:
+            raise ValueError(f"`classes` must be digits 0-9, got {classes!r}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"`classes` must not repeat a digit, got {classes!r}")
+    if len(proportions) != len(classes):
+        raise ValueError(
+            f"`proportions` must have one entry per class ({len(classes)}), got {proportions!r}"
+        )
+    for p in proportions:
+        if isinstance(p, bool) or not isinstance(p, int | np.integer) or p < 1:
+            raise ValueError(f"`proportions` must be positive integers, got {proportions!r}")
+    return tuple(int(c) for c in classes), tuple(int(p) for p in proportions)
+
+
+def exact_counts(
+    available: Sequence[int], proportions: Sequence[int], num_samples: int | None = None
+) -> tuple[int, ...]:
+    """Per-class counts exactly in ``proportions``.
+
+    ``num_samples=None``: the largest subset the ``available`` images allow
+    (:math:`m p_c` with :math:`m = \\min_c \\lfloor a_c / p_c \\rfloor`); otherwise
+    ``num_samples`` must be a multiple of :math:`\\sum_c p_c` that the available images
+    allow.
+    """
+    total = sum(proportions)
+    if num_samples is None:
+        unit = min(a // p for a, p in zip(available, proportions, strict=True))
+        if unit < 1:
+            raise ValueError(
+                f"not enough images ({list(available)}) for one set in proportions {list(proportions)}"
+            )
+    else:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer) or num_samples < 1:
+            raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}")
+        if num_samples % total:
+            raise ValueError(
+                f"`num_samples` ({num_samples}) cannot be split exactly in proportions "
+                f"{list(proportions)}: it must be a multiple of {total}"
+            )
+        unit = num_samples // total
+    counts = tuple(unit * p for p in proportions)
+    for a, n in zip(available, counts, strict=True):
+        if n > a:
+            raise ValueError(
+                f"`num_samples` ({num_samples}) needs {n} images of a class that has only {a}; "
+                f"at most {min(x // p for x, p in zip(available, proportions, strict=True)) * total}"
+            )
+    return counts
+
+
+def _subset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: tuple[int, ...],
+    proportions: tuple[int, ...],
+    num_samples: int | None,
+    rng_key: jax.Array | None,
+) -> DigitSubset:
+    key = jax.random.key(0) if rng_key is None else rng_key
+    index_per_class = [np.flatnonzero(labels == c) for c in classes]
+    counts = exact_counts([len(i) for i in index_per_class], proportions, num_samples)
+    chosen, rest = [], []
+    for j, (idx, n) in enumerate(zip(index_per_class, counts, strict=True)):
+        perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, j), len(idx)))
+        chosen.append(idx[perm[:n]])
+        rest.append(np.sort(idx[perm[n:]]))
+    chosen = np.concatenate(chosen)
+    rest = np.concatenate(rest)
+    return DigitSubset(
+        images=images[chosen],
+        labels=labels[chosen].astype(np.int32),
+        rest_images=images[rest],
+        rest_labels=labels[rest].astype(np.int32),
+        classes=classes,
+        proportions=proportions,
+        counts={c: int(n) for c, n in zip(classes, counts, strict=True)},
+    )
+
+
+def load_digits(
+    classes: Sequence[int] = (2, 3, 6),
+    proportions: Sequence[int] = (4, 2, 1),
+    *,
+    num_samples: int | None = None,
+    rng_key: jax.Array | None = None,
+    dtype=np.float32,
+) -> DigitSubset:
+    """scikit-learn's 8x8 handwritten digits, scaled to [-1, 1], as an imbalanced subset.
+
+    Parameters
+    ----------
+    classes
+        Digits to keep.
+    proportions
+        Positive integer proportions of ``classes`` in the subset.
+    num_samples
+        Size of the subset, a multiple of ``sum(proportions)``; ``None``: the largest the
+        data allow (classes 2/3/6 at 4:2:1: 176/88/44 of the 177/183/181 images).
+    rng_key
+        PRNG key choosing the images (default ``jax.random.key(0)``).
+    dtype
+        Floating dtype of the images.
+    """
+    classes, proportions = _check_classes_proportions(classes, proportions)
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("`load_digits` needs scikit-learn (pip install scikit-learn)") from err
+    bunch = _sk_load_digits()
+    images = (np.asarray(bunch.images, np.float64) / 8.0 - 1.0).astype(dtype)
+    return _subset(images, np.asarray(bunch.target), classes, proportions, num_samples, rng_key)
+
+
+def _open_maybe_gzip(path: Path):
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return gzip.open(path, "rb") if head == b"\x1f\x8b" else open(path, "rb")
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one IDX file (gzipped or not; detected from its first bytes) into an array.
+
+    Raises ``FileNotFoundError`` when ``path`` does not exist and ``ValueError`` naming the
+    file when its header or length is malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"IDX file not found: {path}")
+    try:
+        with _open_maybe_gzip(path) as fh:
+            raw = fh.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise ValueError(f"cannot read IDX file {path}: {err}") from err
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"malformed IDX file {path}: bad magic number {raw[:4].hex()}")
+    code, ndim = raw[2], raw[3]
+    if code not in _IDX_DTYPES:
+        raise ValueError(f"malformed IDX file {path}: unknown data type code 0x{code:02x}")
+    if ndim < 1 or len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"malformed IDX file {path}: truncated header ({ndim} dimensions)")
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    dtype = _IDX_DTYPES[code]
+    expected = int(np.prod(shape)) * dtype.itemsize
+    body = len(raw) - 4 - 4 * ndim
+    if body != expected:
+        raise ValueError(
+            f"malformed IDX file {path}: header says shape {shape} ({expected} bytes of data), "
+            f"file holds {body} bytes"
+        )
+    return np.frombuffer(raw, dtype, offset=4 + 4 * ndim).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(f"MNIST file {stem} (or {stem}.gz) not found in {directory}")
+
+
+def load_mnist(
+    path: str | os.PathLike,
+    classes: Sequence[int] = (2, 3, 6),
+    proportions: Sequence[int] = (4, 2, 1),
+    *,
+    split: str = "train",
+    num_samples: int | None = None,
+    rng_key: jax.Array | None = None,
+    dtype=np.float32,
+) -> DigitSubset:
+    """MNIST from the standard IDX files in directory ``path``, scaled to [-1, 1].
+
+    ``split="train"`` reads ``train-images-idx3-ubyte[.gz]`` and
+    ``train-labels-idx1-ubyte[.gz]``; ``split="test"`` the ``t10k-`` files. The other
+    arguments are as in :func:`load_digits`. Raises ``FileNotFoundError`` naming a missing
+    directory or file and ``ValueError`` naming a malformed one.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"`split` must be 'train' or 'test', got {split!r}")
+    classes, proportions = _check_classes_proportions(classes, proportions)
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"MNIST directory not found: {directory}")
+    prefix = "train" if split == "train" else "t10k"
+    images_file = _find_idx(directory, f"{prefix}-images-idx3-ubyte")
+    labels_file = _find_idx(directory, f"{prefix}-labels-idx1-ubyte")
+    images = read_idx(images_file)
+    labels = read_idx(labels_file)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(
+            f"malformed MNIST images file {images_file}: expected uint8 of shape (n, rows, cols), "
+            f"got {images.dtype} {images.shape}"
+        )
+    if labels.ndim != 1 or labels.dtype != np.uint8:
+        raise ValueError(
+            f"malformed MNIST labels file {labels_file}: expected uint8 of shape (n,), "
+            f"got {labels.dtype} {labels.shape}"
+        )
+    if len(labels) != len(images):
+        raise ValueError(
+            f"MNIST files disagree: {images_file} holds {len(images)} images, "
+            f"{labels_file} holds {len(labels)} labels"
+        )
+    if labels.size and labels.max() > 9:
+        raise ValueError(f"malformed MNIST labels file {labels_file}: label {int(labels.max())} > 9")
+    scaled = (images.astype(np.float64) / 127.5 - 1.0).astype(dtype)
+    return _subset(scaled, labels.astype(np.int64), classes, proportions, num_samples, rng_key)

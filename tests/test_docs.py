@@ -1,0 +1,91 @@
+"""The documentation site builds with ``mkdocs build --strict`` and holds the API pages.
+
+Skipped when the documentation tools (the ``dev`` extra) are not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mkdocs")
+pytest.importorskip("material")
+pytest.importorskip("mkdocstrings")
+pytest.importorskip("mkdocstrings_handlers.python")
+pytest.importorskip("latex2mathml")
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "numpyro_ebm"
+NOT_DOCUMENTED = {"cli"}  # the command line is documented by `numpyro-ebm --help`
+
+
+def _public_modules() -> list[str]:
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).with_suffix("")
+        if any(part.startswith("_") for part in rel.parts):
+            continue
+        name = ".".join(rel.parts)
+        if name not in NOT_DOCUMENTED:
+            names.append(name)
+    return names
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("site")
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"),
+         "-d", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
+    return out
+
+
+def test_every_public_module_has_an_api_page():
+    pages = {p.stem for p in (ROOT / "docs" / "api").glob("*.md")}
+    missing = [m for m in _public_modules() if m not in pages]
+    assert not missing, f"modules without a page in docs/api/: {missing}"
+
+
+def test_api_pages_are_built(site):
+    for module in ["index", *_public_modules()]:
+        page = site / "api" / f"{module}.html"
+        assert page.is_file(), page
+        text = page.read_text(encoding="utf-8")
+        if module != "index":
+            assert f'id="numpyro_ebm.{module}"' in text, f"{module}: no API heading"
+    for page in ["index", "settings", "gmm", "frontends", "diagnostics", "schedule"]:
+        assert (site / f"{page}.html").is_file(), page
+    assert (site / "figures" / "gmm.png").is_file()
+
+
+def test_top_level_reexports_are_linked(site):
+    import numpyro_ebm
+
+    text = (site / "api" / "index.html").read_text(encoding="utf-8")
+    for name in numpyro_ebm.__all__:
+        assert f"<code>{name}</code></a>" in text, name
+
+
+def test_docstring_markup_is_rendered(site):
+    """reST math and cross-reference roles become MathML and links, not literal text."""
+    for page in sorted((site / "api").glob("*.html")) + [site / "index.html"]:
+        text = page.read_text(encoding="utf-8")
+        assert not re.search(r":(math|func|class|meth|mod|attr):`", text), page.name
+        assert ".. math::" not in text, page.name
+        assert 'class="arithmatex"' not in text, f"{page.name}: TeX left unconverted"
+    train = (site / "api" / "train.html").read_text(encoding="utf-8")
+    assert "<math" in train
+    assert 'href="jarzynski_ula.html#numpyro_ebm.jarzynski_ula' in train
+    # no network access is needed to view the site: no web fonts, no remote scripts
+    index = (site / "index.html").read_text(encoding="utf-8")
+    assert "fonts.googleapis" not in index
+    assert not re.search(r'<script[^>]+src="https?://', index)
