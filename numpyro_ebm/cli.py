@@ -1,4 +1,4 @@
-"""Command line: ``numpyro-ebm gmm ...`` runs the paper's experiments and saves figures."""
+"""Command line: ``numpyro-ebm gmm|digits|mnist ...`` runs the paper's experiments and saves figures."""
 
 from __future__ import annotations
 
@@ -141,6 +141,128 @@ def _run_gmm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classes(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"must be a comma list of integers, got {text!r}") from err
+    if not values:
+        raise argparse.ArgumentTypeError(f"must be a comma list of integers, got {text!r}")
+    return values
+
+
+def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
+    from numpyro_ebm.experiments.digits import DigitsConfig, mnist_defaults
+
+    mnist = name == "mnist"
+    d = mnist_defaults() if mnist else DigitsConfig()
+    if mnist:
+        p = sub.add_parser(
+            "mnist",
+            help="the imbalanced-digits experiment on MNIST (28x28) from a directory of IDX files",
+            description="Train a small convolutional energy on MNIST digits in unequal proportions with "
+            "Jarzynski and PCD and compare the class masses among the walkers with the truth.",
+        )
+        p.add_argument("--data-dir", required=True, help="directory with the MNIST IDX files (gzipped or not)")
+        p.add_argument(
+            "--split", choices=("train", "test"), default=d.split,
+            help="which IDX files to read: train-* or t10k-* (default %(default)s)",
+        )
+        p.add_argument("--model", choices=("mlp", "conv"), default=d.model, help="energy network (default %(default)s)")
+        p.add_argument(
+            "--channels", type=_positive_int, default=d.channels,
+            help="channels of the first convolution (default %(default)s)",
+        )
+    else:
+        p = sub.add_parser(
+            "digits",
+            help="the imbalanced-digits experiment on scikit-learn's 8x8 digits (Jarzynski vs PCD)",
+            description="Train an MLP energy on scikit-learn's 8x8 digits in unequal proportions with "
+            "Jarzynski and PCD and compare the class masses among the walkers with the truth.",
+        )
+    p.add_argument("--classes", type=_classes, default=d.classes, help="comma list of digits (default 2,3,6)")
+    p.add_argument(
+        "--proportions", type=_classes, default=d.proportions,
+        help="comma list of integer proportions (default 4,2,1)",
+    )
+    p.add_argument(
+        "--num-samples", type=_positive_int, default=d.num_samples,
+        help="training images, a multiple of the proportions' sum (default %(default)s)",
+    )
+    p.add_argument("--hidden", type=_positive_int, default=d.hidden, help="hidden units (default %(default)s)")
+    p.add_argument("--num-walkers", type=_positive_int, default=d.num_walkers, help="walkers (default %(default)s)")
+    p.add_argument(
+        "--num-iterations", type=_positive_int, default=d.num_iterations,
+        help="training iterations (default %(default)s)",
+    )
+    p.add_argument(
+        "--step-size", type=_positive_float, default=d.step_size, help="ULA step size h (default %(default)s)"
+    )
+    p.add_argument(
+        "--learning-rate", type=_positive_float, default=d.learning_rate,
+        help="SGD learning rate (default %(default)s)",
+    )
+    p.add_argument(
+        "--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay (default %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=d.batch_size, help="data minibatch (default %(default)s)"
+    )
+    p.add_argument(
+        "--methods", type=_methods, default=d.methods,
+        help="comma-separated subset of jarzynski,pcd,cd (default jarzynski,pcd)",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="PRNG seed (default %(default)s)")
+    p.add_argument(
+        "--output-dir", default=os.path.join("results", name),
+        help="where the PNGs, JSON summary and table go (default %(default)s)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _run_digits_like(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from numpyro_ebm.experiments import digits
+
+    mnist = args.command == "mnist"
+    base = digits.mnist_defaults() if mnist else digits.DigitsConfig()
+    changes = dict(
+        classes=args.classes, proportions=args.proportions, num_samples=args.num_samples,
+        hidden=args.hidden, num_walkers=args.num_walkers, num_iterations=args.num_iterations,
+        step_size=args.step_size, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, methods=args.methods, seed=args.seed,
+    )
+    if mnist:
+        changes.update(data_dir=args.data_dir, split=args.split, model=args.model, channels=args.channels)
+    try:
+        config = dataclasses.replace(base, **changes)
+        data = digits.load_data(config)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"numpyro-ebm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    os.makedirs(args.output_dir, exist_ok=True)
+    print(
+        f"{args.command}: digits {config.classes} at {config.proportions} "
+        f"({', '.join(f'{c}: {n}' for c, n in data.counts.items())} training images), "
+        f"{config.num_walkers} walkers, {config.num_iterations} iterations, methods {', '.join(config.methods)}",
+        flush=True,
+    )
+    results = digits.run(config, progress=not args.no_progress, data=data)
+    print(f"classifier held-out accuracy: {results['classifier'].test_accuracy:.3f}")
+    table = digits.format_table(results)
+    print(table)
+    name = args.command
+    saved = digits.save_figures(results, args.output_dir, prefix=name)
+    with open(os.path.join(args.output_dir, f"{name}.json"), "w") as fh:
+        json.dump(digits.summary(results), fh, indent=2)
+    with open(os.path.join(args.output_dir, f"{name}.txt"), "w") as fh:
+        fh.write(table + "\n")
+    names = ", ".join(os.path.basename(f) for f in saved)
+    print(f"saved {names}, {name}.json and {name}.txt in {args.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="numpyro-ebm",
@@ -148,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_gmm(sub)
+    _add_digits_like(sub, "digits")
+    _add_digits_like(sub, "mnist")
     return parser
 
 
@@ -156,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "gmm":
         return _run_gmm(args)
+    if args.command in ("digits", "mnist"):
+        return _run_digits_like(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2
 
