@@ -406,6 +406,14 @@ def _build_kernel(
     return kernel
 
 
+def _check_kernel_args(step_size, resampling_fn, ess_threshold, num_steps) -> int:
+    _checks.check_positive("step_size", step_size)
+    _checks.check_fraction("ess_threshold", ess_threshold)
+    if not callable(resampling_fn):
+        raise TypeError("`resampling_fn` must be callable (rng_key, weights, num_samples)")
+    return _checks.check_int_at_least("num_steps", num_steps, 1)
+
+
 def build_kernel(
     potential_fn: PotentialFn,
     step_size: float,
@@ -435,11 +443,7 @@ def build_kernel(
     ``params`` is :math:`\\theta_{k+1}` (``None`` keeps ``state.params``); ``step_size``
     overrides the default for this call (e.g. from an adaptation scheme).
     """
-    _checks.check_positive("step_size", step_size)
-    _checks.check_fraction("ess_threshold", ess_threshold)
-    num_steps = _checks.check_int_at_least("num_steps", num_steps, 1)
-    if not callable(resampling_fn):
-        raise TypeError("`resampling_fn` must be callable (rng_key, weights, num_samples)")
+    num_steps = _check_kernel_args(step_size, resampling_fn, ess_threshold, num_steps)
     return _build_kernel(
         potential_fn, step_size, resampling_fn, ess_threshold, num_steps, reweight=True
     )
@@ -588,9 +592,7 @@ def build_adaptive_kernel(
     """
     _checks.check_fraction("target_ess", target_ess, closed_right=False)
     max_substeps = _checks.check_int_at_least("max_substeps", max_substeps, 1)
-    _checks.check_positive("step_size", step_size)
-    _checks.check_fraction("ess_threshold", ess_threshold)
-    num_steps = _checks.check_int_at_least("num_steps", num_steps, 1)
+    num_steps = _check_kernel_args(step_size, resampling_fn, ess_threshold, num_steps)
     max_backtracks = _checks.check_int_at_least("max_backtracks", max_backtracks, 0)
     log_target = jnp.log(target_ess)
     default_step_size = step_size

@@ -265,6 +265,8 @@ def test_healthy_run_does_not_warn_about_divergence():
 
     from numpyro_ebm import EnergyDivergenceWarning
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", EnergyDivergenceWarning)
-        run("jarzynski", num_iterations=50)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        result = run("jarzynski", num_iterations=50)
+    assert not [w for w in record if w.category is EnergyDivergenceWarning]
+    assert np.max(result.trace["max_abs_potential"]) < 1e4 * max(1.0, result.trace["max_abs_potential"][0])

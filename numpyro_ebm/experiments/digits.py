@@ -56,6 +56,8 @@ __all__ = [
     "format_table",
     "summary",
     "plot",
+    "save_figures",
+    "mnist_defaults",
 ]
 
 EXPERIMENT_METHODS = ("jarzynski", "pcd")
@@ -75,14 +77,14 @@ class DigitsConfig:
     hidden: int = 128
     channels: int = 16
     num_walkers: int = 1000
-    num_iterations: int = 3000
+    num_iterations: int = 12000
     step_size: float = 0.01
     learning_rate: float = 0.002
     clip_norm: float = 10.0
-    weight_decay: float = 0.0
+    weight_decay: float = 0.5
     noise_std: float = 0.0
     noise_copies: int = 1
-    batch_size: int | None = 128
+    batch_size: int | None = None
     ess_threshold: float = 0.5
     num_snapshots: int = 10
     classifier_test_fraction: float = 0.3
@@ -251,7 +253,18 @@ def class_masses(proba: np.ndarray, log_weights: Any = None) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 
-def run(config: DigitsConfig = DigitsConfig(), *, progress: bool = False) -> dict[str, Any]:
+def mnist_defaults(data_dir: str | None = None) -> DigitsConfig:
+    """Defaults of the MNIST (28x28) run: a small CNN and a CPU-sized budget."""
+    return DigitsConfig(
+        source="mnist", data_dir=data_dir if data_dir is not None else "", split="test",
+        num_samples=1400, model="conv", hidden=64, channels=8, num_walkers=500,
+        num_iterations=1500, step_size=0.01, learning_rate=0.005, weight_decay=0.2,
+    )
+
+
+def run(
+    config: DigitsConfig = DigitsConfig(), *, progress: bool = False, data: DigitSubset | None = None
+) -> dict[str, Any]:
     """Run the experiment for each method of ``config.methods``.
 
     Returns a dict with ``config``, ``data`` (the :class:`DigitSubset`), ``classifier``,
@@ -263,7 +276,8 @@ def run(config: DigitsConfig = DigitsConfig(), *, progress: bool = False) -> dic
     (class masses over training), ``num_resampling``, ``min_normalized_ess``, and
     ``wall_time`` (seconds, compilation included).
     """
-    data = load_data(config)
+    if data is None:
+        data = load_data(config)
     truth = data.fractions
     t0 = time.perf_counter()
     classifier = train_classifier(
@@ -407,6 +421,42 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
             )
         }
     return out
+
+
+def save_figures(results: dict[str, Any], directory: str, prefix: str = "digits") -> list[str]:
+    """Save the PNGs of a run into ``directory``: ``{prefix}_masses.png`` (:func:`plot`),
+    ``{prefix}_walkers_{method}.png`` (the heaviest walkers, and for PCD the first ones)
+    and ``{prefix}_training_{method}.png`` (:func:`numpyro_ebm.diagnostics.plot_training`).
+    Returns the paths."""
+    import os
+
+    import matplotlib.pyplot as plt
+
+    from numpyro_ebm.diagnostics import plot_samples, plot_training
+
+    config: DigitsConfig = results["config"]
+    paths = [os.path.join(directory, f"{prefix}_masses.png")]
+    plot(results, paths[0])
+    for method in config.methods:
+        r = results[method]
+        path = os.path.join(directory, f"{prefix}_walkers_{method}.png")
+        masses = ", ".join(f"{c}: {m:.2f}" for c, m in zip(results["data"].classes, r["masses"], strict=True))
+        fig = plot_samples(
+            r["result"], max_images=64,
+            title=f"{method}: final walkers{' (heaviest first)' if method == 'jarzynski' else ''}; "
+            f"class masses {masses}",
+            path=path,
+        )
+        plt.close(fig)
+        paths.append(path)
+        path = os.path.join(directory, f"{prefix}_training_{method}.png")
+        plt.close(plot_training(r["result"], path=path))
+        paths.append(path)
+    path = os.path.join(directory, f"{prefix}_data.png")
+    plt.close(plot_samples(results["data"].images[:: max(1, len(results["data"].images) // 64)], max_images=64,
+                           title="training images (every k-th)", path=path))
+    paths.append(path)
+    return paths
 
 
 def plot(results: dict[str, Any], path: str) -> None:

@@ -1,0 +1,93 @@
+"""The imbalanced-digits experiment: exact initial model, classifier, class masses, a tiny run."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from numpyro_ebm.datasets import load_digits
+from numpyro_ebm.experiments import digits
+
+TINY = digits.DigitsConfig(num_walkers=64, num_iterations=30, hidden=16, num_snapshots=3)
+
+
+def test_classifier_held_out_accuracy_above_90_percent():
+    data = load_digits(num_samples=245)
+    clf = digits.train_classifier(data.rest_images, data.rest_labels, data.classes, seed=0)
+    assert clf.test_accuracy > 0.9
+    assert clf.num_train + clf.num_test == len(data.rest_labels)
+    # and it labels the EBM's training images (never seen by it) correctly too
+    proba = clf.predict_proba(data.images)
+    assert proba.shape == (245, 3)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-9)
+    predicted = np.asarray(data.classes)[proba.argmax(1)]
+    assert np.mean(predicted == data.labels) > 0.9
+
+
+def test_class_masses_weighted_and_equal():
+    proba = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]])
+    np.testing.assert_allclose(digits.class_masses(proba), [0.5, 0.25, 0.25])
+    log_w = np.log([0.1, 0.2, 0.3, 0.4]) + 5.0  # unnormalised is fine
+    np.testing.assert_allclose(digits.class_masses(proba, log_w), [0.5, 0.2, 0.3])
+
+
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+def test_initial_energy_is_the_exact_gaussian(model):
+    config = dataclasses.replace(TINY, model=model, channels=4)
+    data = load_digits(num_samples=70)
+    potential_fn, params, base = digits.make_energy(config, data.images)
+    mean, scale = base["mean"], base["scale"]
+    x = jnp.asarray(mean + scale * np.random.default_rng(0).normal(size=(5, 8, 8)), jnp.float32)
+    energy = jax.vmap(potential_fn, (None, 0))(params, x)
+    expected = 0.5 * np.sum((np.asarray(x, np.float64) - mean) ** 2, axis=(1, 2)) / scale**2
+    np.testing.assert_allclose(np.asarray(energy), expected, rtol=1e-5)
+    assert base["log_z0"] == pytest.approx(32 * math.log(2 * math.pi * scale**2))
+    # the network does depend on its parameters (last layer zero, not the others)
+    grads = jax.grad(potential_fn)(params, x[0])
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_tiny_run_reports_masses_and_cross_entropy():
+    results = digits.run(TINY)
+    np.testing.assert_allclose(results["truth"], [4 / 7, 2 / 7, 1 / 7])
+    assert results["classifier"].test_accuracy > 0.9
+    for method in ("jarzynski", "pcd"):
+        r = results[method]
+        assert r["masses"].shape == (3,)
+        assert r["masses"].sum() == pytest.approx(1.0)
+        assert r["mass_error"] == pytest.approx(np.max(np.abs(r["masses"] - results["truth"])))
+        assert r["snapshot_masses"].shape == (len(r["snapshot_iterations"]), 3)
+        assert 0.0 <= r["unsure_fraction"] <= 1.0
+    jz = results["jarzynski"]
+    trace = jz["result"].trace
+    # at theta_0 the walkers are exact draws and log Z_0 is known: CE = data energy + log Z_0
+    assert trace["log_normalizer"][0] == 0.0
+    assert trace["cross_entropy"][0] == pytest.approx(trace["data_energy"][0] + results["log_z0"], rel=1e-6)
+    # data energy of N(mean, scale^2) at theta_0 is D/2 (the scale is the data's pixel std)
+    assert trace["data_energy"][0] == pytest.approx(32.0, rel=1e-3)
+    # PCD keeps equal weights, so its weighted and unweighted masses agree
+    np.testing.assert_allclose(results["pcd"]["masses"], results["pcd"]["unweighted_masses"])
+    table = digits.format_table(results)
+    assert "truth" in table and "jarzynski" in table and "pcd" in table and "accuracy" in table
+    summary = digits.summary(results)
+    assert summary["counts"] == {"2": 140, "3": 70, "6": 35}
+    assert set(summary["methods"]) == {"jarzynski", "pcd"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(source="cifar"), "source"),
+        (dict(source="mnist"), "data_dir"),
+        (dict(model="resnet"), "model"),
+        (dict(num_walkers=1), "num_walkers"),
+        (dict(step_size=0.0), "step_size"),
+        (dict(methods=("sgld",)), "methods"),
+    ],
+)
+def test_config_rejects_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        digits.DigitsConfig(**kwargs)
