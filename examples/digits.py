@@ -43,7 +43,7 @@ def main(argv=None):
         config = dataclasses.replace(config, split=args.split)
     if SMOKE:
         config = dataclasses.replace(
-            config, num_walkers=64, num_iterations=40, hidden=16, channels=4, num_snapshots=4,
+            config, num_walkers=32, num_iterations=20, hidden=16, channels=4, num_snapshots=2,
             num_samples=70 if args.data_dir is not None else config.num_samples,
         )
     results = digits.run(config, progress=not SMOKE)

@@ -206,7 +206,8 @@ def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
         "--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay (default %(default)s)"
     )
     p.add_argument(
-        "--batch-size", type=_positive_int, default=d.batch_size, help="data minibatch (default %(default)s: all images)"
+        "--batch-size", type=_positive_int, default=d.batch_size,
+        help="data minibatch (default %(default)s: all images)",
     )
     p.add_argument(
         "--methods", type=_methods, default=d.methods,

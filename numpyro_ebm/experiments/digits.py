@@ -77,11 +77,11 @@ class DigitsConfig:
     hidden: int = 128
     channels: int = 16
     num_walkers: int = 1000
-    num_iterations: int = 12000
+    num_iterations: int = 4000
     step_size: float = 0.01
-    learning_rate: float = 0.002
+    learning_rate: float = 0.005
     clip_norm: float = 10.0
-    weight_decay: float = 0.5
+    weight_decay: float = 0.2
     noise_std: float = 0.0
     noise_copies: int = 1
     batch_size: int | None = None
@@ -480,7 +480,7 @@ def plot(results: dict[str, Any], path: str) -> None:
                 r["snapshot_iterations"], r["snapshot_masses"][:, j], styles[method], color=f"C{j}",
                 marker="o", ms=3, label=f"{method}: digit {c}",
             )
-    for j, c in enumerate(classes):
+    for j in range(len(classes)):
         ax.axhline(truth[j], color=f"C{j}", lw=0.8, ls="-.", alpha=0.7)
     ax.set_xlabel("training iteration")
     ax.set_ylabel("class mass among walkers")
