@@ -65,6 +65,7 @@ def test_mnist_command_on_idx_files_written_here(tmp_path, capsys):
     assert summary["config"]["model"] == "conv"
 
 
+@pytest.mark.slow
 def test_mnist_command_on_the_shared_test_set(tmp_path, capsys):
     if not MNIST_DIR.is_dir():
         pytest.skip(f"MNIST test set not found at {MNIST_DIR}")
