@@ -12,7 +12,8 @@ so U(x) = -log sum_j w_j exp(-(x - mu_j)^2 / (2 s^2)) and Z = sqrt(2 pi s^2).
 ``from_numpyro`` turns it into ``potential_fn(params, x)`` over UNCONSTRAINED params
 (log scale, stick-breaking weights); ``potential_fn.constrain`` reads the trained values.
 The data: modes at -3 (mass 1/4) and +2 (mass 3/4), sd 0.5; the model starts at
-locs = +-0.1, scale 1, equal weights, and the initial walkers are exact draws from it.
+locs = +-1, scale 1, equal weights, and the initial walkers are exact draws from it
+(started at +-0.1 the two components stay merged into one broad bump: a local optimum).
 Saves ``mixture.png``.
 
     python examples/numpyro_mixture.py [--output-dir DIR]   # NUMPYRO_EBM_SMOKE=1: tiny run
@@ -47,7 +48,7 @@ TRUE_LOCS, TRUE_MASSES, TRUE_SCALE = np.array([-3.0, 2.0]), np.array([0.25, 0.75
 
 
 def mixture_model(x):
-    locs = numpyro.param("locs", jnp.array([-0.1, 0.1]))
+    locs = numpyro.param("locs", jnp.array([-1.0, 1.0]))
     scale = numpyro.param("scale", 1.0, constraint=constraints.positive)
     w = numpyro.param("w", jnp.array([0.5, 0.5]), constraint=constraints.simplex)
     x = numpyro.sample("x", dist.ImproperUniform(constraints.real, (), ()), obs=x)

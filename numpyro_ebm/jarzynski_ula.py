@@ -45,6 +45,11 @@ same information as the raw :math:`A^i` (:math:`A^i = \log w_i + \log N +`
 
 Potentials: ``potential_fn(params, x)`` returns the energy of ONE sample ``x`` (an array
 or a pytree); it is vmapped over the leading (walker) axis of ``particles``.
+
+A walker whose new position, energy or gradient is not finite gets weight zero and keeps
+its last finite values, so it cannot poison the estimates; resampling replaces it.
+:func:`build_adaptive_kernel` splits a large parameter move into sub-steps that keep the
+conditional ESS at a target (the adaptive schedule).
 """
 
 from __future__ import annotations
