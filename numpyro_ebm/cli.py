@@ -35,6 +35,32 @@ def _methods(text: str) -> tuple[str, ...]:
     return methods
 
 
+def _add_training_options(
+    p: argparse.ArgumentParser, d, *, output_dir: str, learning_rate_help: str, methods_help: str
+) -> None:
+    """Options every experiment command shares; defaults from its config ``d``."""
+    p.add_argument("--num-walkers", type=_positive_int, default=d.num_walkers, help="walkers (default %(default)s)")
+    p.add_argument(
+        "--num-iterations", type=_positive_int, default=d.num_iterations,
+        help="training iterations (default %(default)s)",
+    )
+    p.add_argument(
+        "--step-size", type=_positive_float, default=d.step_size,
+        help="ULA step size h (default %(default)s)",
+    )
+    p.add_argument(
+        "--learning-rate", type=_positive_float, default=d.learning_rate,
+        help=f"{learning_rate_help} (default %(default)s)",
+    )
+    p.add_argument("--methods", type=_methods, default=d.methods, help=methods_help)
+    p.add_argument("--seed", type=int, default=d.seed, help="PRNG seed (default %(default)s)")
+    p.add_argument(
+        "--output-dir", default=output_dir,
+        help="where the PNGs, JSON summary and table go (default %(default)s)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
 def _add_gmm(sub: argparse._SubParsersAction) -> None:
     from numpyro_ebm.experiments.gmm import GMMConfig
 
@@ -47,36 +73,18 @@ def _add_gmm(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dim", type=_positive_int, default=d.dim, help="dimension d (default %(default)s)")
     p.add_argument("--num-data", type=_positive_int, default=d.num_data, help="data points (default %(default)s)")
-    p.add_argument("--num-walkers", type=_positive_int, default=d.num_walkers, help="walkers (default %(default)s)")
-    p.add_argument(
-        "--num-iterations", type=_positive_int, default=d.num_iterations,
-        help="training iterations (default %(default)s)",
-    )
-    p.add_argument(
-        "--step-size", type=_positive_float, default=d.step_size,
-        help="ULA step size h (default %(default)s)",
-    )
-    p.add_argument(
-        "--learning-rate", type=_positive_float, default=d.learning_rate,
-        help="gradient-descent learning rate of the means (default %(default)s)",
+    _add_training_options(
+        p, d, output_dir=os.path.join("results", "gmm"),
+        learning_rate_help="gradient-descent learning rate of the means",
+        methods_help="comma-separated subset of jarzynski,pcd,cd (default all)",
     )
     p.add_argument(
         "--logit-learning-rate", type=_positive_float, default=d.logit_learning_rate,
         help="gradient-descent learning rate of the log-weights (default %(default)s)",
     )
     p.add_argument(
-        "--methods", type=_methods, default=d.methods,
-        help="comma-separated subset of jarzynski,pcd,cd (default all)",
-    )
-    p.add_argument("--seed", type=int, default=d.seed, help="PRNG seed (default %(default)s)")
-    p.add_argument(
         "--float32", action="store_true", help="run in float32 (default float64, as the paper)"
     )
-    p.add_argument(
-        "--output-dir", default=os.path.join("results", "gmm"),
-        help="where the PNG and JSON summary go (default %(default)s)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def _run_gmm(args: argparse.Namespace) -> int:
@@ -190,17 +198,9 @@ def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
         help="training images, a multiple of the proportions' sum (default %(default)s)",
     )
     p.add_argument("--hidden", type=_positive_int, default=d.hidden, help="hidden units (default %(default)s)")
-    p.add_argument("--num-walkers", type=_positive_int, default=d.num_walkers, help="walkers (default %(default)s)")
-    p.add_argument(
-        "--num-iterations", type=_positive_int, default=d.num_iterations,
-        help="training iterations (default %(default)s)",
-    )
-    p.add_argument(
-        "--step-size", type=_positive_float, default=d.step_size, help="ULA step size h (default %(default)s)"
-    )
-    p.add_argument(
-        "--learning-rate", type=_positive_float, default=d.learning_rate,
-        help="SGD learning rate (default %(default)s)",
+    _add_training_options(
+        p, d, output_dir=os.path.join("results", name), learning_rate_help="SGD learning rate",
+        methods_help="comma-separated subset of jarzynski,pcd,cd (default jarzynski,pcd)",
     )
     p.add_argument(
         "--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay (default %(default)s)"
@@ -209,16 +209,6 @@ def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
         "--batch-size", type=_positive_int, default=d.batch_size,
         help="data minibatch (default %(default)s: all images)",
     )
-    p.add_argument(
-        "--methods", type=_methods, default=d.methods,
-        help="comma-separated subset of jarzynski,pcd,cd (default jarzynski,pcd)",
-    )
-    p.add_argument("--seed", type=int, default=d.seed, help="PRNG seed (default %(default)s)")
-    p.add_argument(
-        "--output-dir", default=os.path.join("results", name),
-        help="where the PNGs, JSON summary and table go (default %(default)s)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def _run_digits_like(args: argparse.Namespace) -> int:
