@@ -37,6 +37,7 @@ import numpy as np
 import xarray as xr
 from arviz_base import dict_to_dataset
 from arviz_stats.base import array_stats
+from blackjax.smc.ess import ess as blackjax_ess
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
@@ -90,13 +91,13 @@ def effective_sample_size(log_weights: Any) -> np.ndarray | float:
     """ESS :math:`(\\sum_i w_i)^2 / \\sum_i w_i^2` of weights :math:`w_i = e^{a_i}`.
 
     ``log_weights`` may be unnormalised; the last axis is the walker axis. Computed in log
-    space as :math:`\\exp(2\\,\\mathrm{lse}(a) - \\mathrm{lse}(2a))`.
+    space by BlackJAX's ``blackjax.smc.ess.ess``.
     """
     lw = _as_log_weights(log_weights)
-    shift = lw.max(axis=-1, keepdims=True)
-    s1 = np.log(np.sum(np.exp(lw - shift), axis=-1))
-    s2 = np.log(np.sum(np.exp(2.0 * (lw - shift)), axis=-1))
-    out = np.exp(2.0 * s1 - s2)
+    flat = lw.reshape(-1, lw.shape[-1])
+    with jax.enable_x64(True):  # host-side diagnostic: keep the float64 of the input
+        out = np.asarray(jax.vmap(blackjax_ess)(jax.numpy.asarray(flat)), np.float64)
+    out = out.reshape(lw.shape[:-1])
     return float(out) if out.ndim == 0 else out
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from blackjax.smc.ess import ess
 from jax.scipy.special import logsumexp
 from numpyro.distributions import Distribution, constraints
 
@@ -175,8 +176,8 @@ class EnergyBased(Distribution):
 
     @property
     def effective_sample_size(self) -> jax.Array:
-        """Kish ESS of the walker weights, :math:`1 / \\sum_i w_i^2`."""
-        return 1.0 / jnp.sum(jnp.exp(2 * self._normalised_log_weights()))
+        """Kish ESS of the walker weights, :math:`1 / \\sum_i w_i^2` (BlackJAX's ``ess``)."""
+        return ess(self._normalised_log_weights())
 
 
 def energy_based_from_fit(
