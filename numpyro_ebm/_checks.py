@@ -110,3 +110,14 @@ def check_scalar_potential(potential_fn: Any, params: Any, sample: Any) -> None:
             "`potential_fn(params, x)` must return a scalar energy for ONE sample x "
             f"(the library vmaps it over walkers), got {shape}"
         )
+
+
+def check_float_dtype(name: str, value: Any) -> Any:
+    """``value`` as a NumPy floating dtype, or a ``ValueError`` naming ``name``."""
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not np.issubdtype(dtype, np.floating):
+        raise ValueError(f"`{name}` must be a floating dtype such as jnp.float32, got {value!r}")
+    return dtype

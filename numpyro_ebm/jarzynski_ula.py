@@ -54,12 +54,14 @@ conditional ESS at a target (the adaptive schedule).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from blackjax.base import SamplingAlgorithm
+from jax.extend.random import threefry_2x32
 from blackjax.smc import resampling
 from blackjax.smc.ess import log_ess
 from blackjax.smc.solver import dichotomy
@@ -78,6 +80,8 @@ __all__ = [
     "potential_and_grad",
     "log_weight_increment",
     "ula_proposal",
+    "weighted_param_grad",
+    "standard_normal",
 ]
 
 ArrayTree = Any
@@ -143,13 +147,77 @@ class JarzynskiInfo(NamedTuple):
 
 
 def potential_and_grad(
-    potential_fn: PotentialFn, params: ArrayTree, particles: ArrayTree
+    potential_fn: PotentialFn,
+    params: ArrayTree,
+    particles: ArrayTree,
+    batch_size: int | None = None,
 ) -> tuple[jax.Array, ArrayTree]:
     """:math:`U_\\theta(X^i)` and :math:`\\nabla_x U_\\theta(X^i)` for every walker: ONE
-    vmapped forward/backward evaluation of ``potential_fn``."""
-    return jax.vmap(jax.value_and_grad(potential_fn, argnums=1), in_axes=(None, 0))(
-        params, particles
-    )
+    forward/backward evaluation of ``potential_fn`` per walker, vmapped over all walkers at
+    once (``batch_size=None``) or over chunks of ``batch_size`` walkers with ``lax.map``
+    (memory bounded by one chunk)."""
+    value_and_grad = jax.value_and_grad(potential_fn, argnums=1)
+    if batch_size is None:
+        return jax.vmap(value_and_grad, in_axes=(None, 0))(params, particles)
+    return jax.lax.map(lambda x: value_and_grad(params, x), particles, batch_size=batch_size)
+
+
+def _split_chunks(tree: ArrayTree, batch_size: int) -> tuple[ArrayTree, ArrayTree]:
+    """``(full, rest)``: the first ``n // batch_size * batch_size`` walkers reshaped to
+    ``(n // batch_size, batch_size, ...)``, and the remaining walkers."""
+    n = jax.tree.leaves(tree)[0].shape[0]
+    m = n // batch_size * batch_size
+    full = jax.tree.map(lambda leaf: leaf[:m].reshape(n // batch_size, batch_size, *leaf.shape[1:]), tree)
+    rest = jax.tree.map(lambda leaf: leaf[m:], tree)
+    return full, rest
+
+
+def weighted_param_grad(
+    potential_fn: PotentialFn,
+    params: ArrayTree,
+    particles: ArrayTree,
+    weights: jax.Array,
+    batch_size: int | None = None,
+) -> ArrayTree:
+    """:math:`\\sum_i c_i \\nabla_\\theta U_\\theta(X^i)` for fixed coefficients ``weights``
+    :math:`c_i`, taken as the gradient of the one weighted sum
+    :math:`\\nabla_\\theta \\sum_i c_i U_\\theta(X^i)`: per-walker parameter gradients are
+    never materialised. With ``batch_size`` the sum runs over chunks of walkers in a
+    ``lax.scan`` (memory bounded by one chunk)."""
+
+    def weighted_sum(p, x, c):
+        return jnp.sum(c * jax.vmap(potential_fn, in_axes=(None, 0))(p, x))
+
+    grad = jax.grad(weighted_sum)
+    if batch_size is None:
+        return grad(params, particles, weights)
+    (full_x, full_c), (rest_x, rest_c) = _split_chunks((particles, weights), batch_size)
+
+    def add_chunk(total, chunk):
+        return jax.tree.map(jnp.add, total, grad(params, *chunk)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    total, _ = jax.lax.scan(add_chunk, zeros, (full_x, full_c))
+    if rest_c.shape[0]:
+        total = jax.tree.map(jnp.add, total, grad(params, rest_x, rest_c))
+    return total
+
+
+def _fused_evaluation(
+    potential_fn: PotentialFn, params: ArrayTree, particles: ArrayTree
+) -> tuple[jax.Array, ArrayTree, ArrayTree, Callable[[jax.Array], ArrayTree]]:
+    """One forward pass over the walkers and its backward pass with unit cotangents:
+    ``(U, grad_x U, sum_i grad_theta U(X^i), param_vjp)``. ``param_vjp(c)`` reuses the
+    forward pass (``jax.vjp``) to give :math:`\\sum_i c_i \\nabla_\\theta U(X^i)` for
+    coefficients that are only known after the first backward pass (the Jarzynski
+    weights); the unused halves of each backward pass are removed by XLA."""
+
+    def energies(p, x):
+        return jax.vmap(potential_fn, in_axes=(None, 0))(p, x)
+
+    potential, vjp_fn = jax.vjp(energies, params, particles)
+    param_sum, grad = vjp_fn(jnp.ones_like(potential))
+    return potential, grad, param_sum, lambda c: vjp_fn(c)[0]
 
 
 def _per_walker_dot(a: ArrayTree, b: ArrayTree) -> jax.Array:
@@ -191,13 +259,66 @@ def log_weight_increment(
     return forward - backward
 
 
+def _is_threefry(rng_key: jax.Array) -> bool:
+    if jnp.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
+        return str(jax.random.key_impl(rng_key)) == "threefry2x32"
+    return rng_key.shape == (2,) and jax.config.jax_default_prng_impl == "threefry2x32"
+
+
+def standard_normal(rng_key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """Standard normal draws, as ``jax.random.normal`` makes them, faster for float32.
+
+    ``jax.random.normal`` turns uniforms on (-1, 1) into normals by
+    :math:`\\sqrt2\\,\\mathrm{erf}^{-1}(u)`. For float32 and a threefry key this function
+    does the same with the same 23-bit uniforms, but takes both 32-bit words of each
+    threefry-2x32 block (``jax.extend.random.threefry_2x32`` over a counter), where
+    ``jax.random.bits`` spends one block per word: half the generator work. The ULA noise
+    is the largest single cost of an iteration on a CPU (``benchmarks/``). Other dtypes
+    and key types use ``jax.random.normal``. The numbers differ from
+    ``jax.random.normal``'s for the same key; their distribution does not, and they do not
+    depend on how the walkers are sharded.
+    """
+    dtype = jnp.dtype(dtype)
+    size = math.prod(shape)
+    if dtype != jnp.float32 or not _is_threefry(rng_key) or not 0 < size < 2**32:
+        return jax.random.normal(rng_key, shape, dtype)
+    key_words = jax.random.key_data(rng_key) if jnp.issubdtype(
+        rng_key.dtype, jax.dtypes.prng_key) else rng_key
+    words = threefry_2x32(key_words, jax.lax.iota(jnp.uint32, size))
+    one = jnp.asarray(1.0, jnp.float32)
+    mantissa = jax.lax.shift_right_logical(words, jnp.uint32(9))
+    unit = jax.lax.bitcast_convert_type(
+        mantissa | jax.lax.bitcast_convert_type(one, jnp.uint32), jnp.float32
+    ) - one  # [0, 1) on a 2^-23 grid
+    low = jnp.nextafter(jnp.asarray(-1.0, jnp.float32), jnp.asarray(0.0, jnp.float32))
+    u = jnp.maximum(low, unit * (one - low) + low)  # (-1, 1)
+    normal = jnp.asarray(math.sqrt(2.0), jnp.float32) * jax.lax.erf_inv(u)
+    return normal.reshape(shape)
+
+
 def ula_proposal(
-    rng_key: jax.Array, particles: ArrayTree, grad: ArrayTree, step_size: jax.Array
+    rng_key: jax.Array,
+    particles: ArrayTree,
+    grad: ArrayTree,
+    step_size: jax.Array,
+    noise_dtype: Any = None,
 ) -> ArrayTree:
-    """One unadjusted Langevin move :math:`X' = X - h\\nabla U(X) + \\sqrt{2h}\\,\\xi`."""
+    """One unadjusted Langevin move :math:`X' = X - h\\nabla U(X) + \\sqrt{2h}\\,\\xi`.
+
+    :math:`\\xi` is drawn in ``noise_dtype`` (default: each leaf's own dtype) by
+    :func:`standard_normal`; e.g. float32 noise for float64 walkers halves the cost of the
+    noise. The weights stay exact for the move that was made, since :math:`\\Delta A` is
+    computed from :math:`X` and :math:`X'` in the walkers' precision; only the proposal's
+    tails are cut at the float32 generator's :math:`\\pm 5.4\\sigma`.
+    """
     leaves, treedef = jax.tree.flatten(particles)
     keys = jax.random.split(rng_key, len(leaves))
-    noise = [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves, strict=True)]
+    noise = [
+        standard_normal(k, leaf.shape, leaf.dtype if noise_dtype is None else noise_dtype).astype(
+            leaf.dtype
+        )
+        for k, leaf in zip(keys, leaves, strict=True)
+    ]
     noise = jax.tree.unflatten(treedef, noise)
     return jax.tree.map(
         lambda x, g, xi: x - step_size * g + jnp.sqrt(2.0 * step_size) * xi,
@@ -220,10 +341,16 @@ def _uniform_log_weights(n: int, dtype: Any) -> jax.Array:
 # ---------------------------------------------------------------------------------------
 
 
-def init(particles: ArrayTree, params: ArrayTree, potential_fn: PotentialFn) -> JarzynskiState:
+def init(
+    particles: ArrayTree,
+    params: ArrayTree,
+    potential_fn: PotentialFn,
+    batch_size: int | None = None,
+) -> JarzynskiState:
     """Walkers with equal weights for ``params`` (they should be draws from
     :math:`\\rho_\\theta`); evaluates :math:`U_\\theta` and :math:`\\nabla_x U_\\theta` once per
-    walker and sets the log-normaliser estimate to 0."""
+    walker (in chunks of ``batch_size`` walkers when given) and sets the log-normaliser
+    estimate to 0."""
     n = _checks.leading_size("particles", particles)
     if n < 2:
         raise ValueError(f"`particles` must hold at least 2 walkers, got {n}")
@@ -231,7 +358,9 @@ def init(particles: ArrayTree, params: ArrayTree, potential_fn: PotentialFn) -> 
     _checks.check_scalar_potential(
         potential_fn, params, jax.tree.map(lambda leaf: leaf[0], particles)
     )
-    potential, grad = potential_and_grad(potential_fn, params, particles)
+    if batch_size is not None:
+        _checks.check_int_at_least("batch_size", batch_size, 1)
+    potential, grad = potential_and_grad(potential_fn, params, particles, batch_size)
     dtype = potential.dtype
     return JarzynskiState(
         particles=particles,
@@ -321,11 +450,35 @@ def _move(
     potential_fn: PotentialFn,
     step_size: jax.Array,
     reweight: bool,
+    batch_size: int | None = None,
+    noise_dtype: Any = None,
 ) -> tuple[JarzynskiState, jax.Array, jax.Array, jax.Array]:
     """One ULA move under ``state.params`` followed by re-weighting to ``params``."""
-    new_particles = ula_proposal(rng_key, state.particles, state.grad, step_size)
-    new_potential, new_grad = potential_and_grad(potential_fn, params, new_particles)
+    new_particles = ula_proposal(rng_key, state.particles, state.grad, step_size, noise_dtype)
+    new_potential, new_grad = potential_and_grad(potential_fn, params, new_particles, batch_size)
     return _reweight(state, new_particles, new_potential, new_grad, params, step_size, reweight)
+
+
+def _fused_move(
+    rng_key: jax.Array,
+    state: JarzynskiState,
+    params: ArrayTree,
+    potential_fn: PotentialFn,
+    step_size: jax.Array,
+    reweight: bool,
+    noise_dtype: Any = None,
+) -> tuple[JarzynskiState, jax.Array, jax.Array, jax.Array, ArrayTree, Callable]:
+    """:func:`_move` whose evaluation also serves the next cross-entropy gradient: returns
+    the sum of the walkers' parameter gradients and a ``param_vjp`` (see
+    :func:`_fused_evaluation`) as well."""
+    new_particles = ula_proposal(rng_key, state.particles, state.grad, step_size, noise_dtype)
+    new_potential, new_grad, param_sum, param_vjp = _fused_evaluation(
+        potential_fn, params, new_particles
+    )
+    new_state, delta, increment, bad = _reweight(
+        state, new_particles, new_potential, new_grad, params, step_size, reweight
+    )
+    return new_state, delta, increment, bad, param_sum, param_vjp
 
 
 def _maybe_resample(
@@ -356,6 +509,14 @@ def _maybe_resample(
     return new_state, ess, do_resample, ancestors
 
 
+def _all_finite(tree: ArrayTree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
+    out = leaves[0]
+    for leaf in leaves[1:]:
+        out = out & leaf
+    return out
+
+
 def _build_kernel(
     potential_fn: PotentialFn,
     step_size: float,
@@ -363,8 +524,27 @@ def _build_kernel(
     ess_threshold: float,
     num_steps: int,
     reweight: bool,
+    batch_size: int | None = None,
+    param_grad: bool = False,
+    noise_dtype: Any = None,
 ) -> Callable:
-    """The kernel; ``reweight=False`` gives plain (unweighted) ULA walkers, as PCD uses."""
+    """The kernel; ``reweight=False`` gives plain (unweighted) ULA walkers, as PCD uses.
+
+    With ``param_grad=True`` the kernel returns a third value, the walkers' weighted
+    parameter gradient at the new state, :math:`\\sum_i w_i \\nabla_\\theta U_{\\theta_{k+1}}(X^i)`
+    with the final (after resampling) walkers and weights: exactly the second term of the
+    next cross-entropy gradient. Without ``batch_size`` it comes from the same evaluation
+    as :math:`U_{k+1}, \\nabla_x U_{k+1}` at the new walkers (:func:`_fused_evaluation`): one
+    forward pass, and one backward pass with unit cotangents that gives
+    :math:`\\nabla_x U` and, for equal weights, the parameter gradient too. The Jarzynski
+    weights are only known after :math:`\\nabla_x U`, so for them the forward pass is reused
+    by a second backward pass with cotangents :math:`c_i` (the new weights, or
+    ``count_i / N`` when the walkers were resampled, ``count_i`` being how many copies of
+    walker ``i`` resampling made). If an evaluation of the last move was not finite, the
+    gradient is recomputed at the kept walkers, so the result always equals
+    :func:`weighted_param_grad` at the returned state. With ``batch_size`` (walkers
+    evaluated in chunks) the parameter gradient is a separate chunked pass.
+    """
     default_step_size = step_size
 
     def kernel(
@@ -372,29 +552,40 @@ def _build_kernel(
         state: JarzynskiState,
         params: ArrayTree | None = None,
         step_size: jax.Array | float | None = None,
-    ) -> tuple[JarzynskiState, JarzynskiInfo]:
+    ):
         params = state.params if params is None else params
         h = default_step_size if step_size is None else step_size
         h = jnp.asarray(h, state.potential.dtype)
         move_key, resample_key = jax.random.split(rng_key)
+        n = _num_walkers(state)
+        fused = param_grad and batch_size is None
+        num_plain = num_steps - 1 if fused else num_steps
+        move_keys = jax.random.split(move_key, num_steps)
 
         def one_move(carry, key):
             st, delta_sum, bad_any = carry
-            st, delta, increment, bad = _move(key, st, params, potential_fn, h, reweight)
+            st, delta, increment, bad = _move(
+                key, st, params, potential_fn, h, reweight, batch_size, noise_dtype
+            )
             return (st, delta_sum + delta, bad_any | bad), increment
 
-        n_walkers = _num_walkers(state)
-        (state, delta_sum, bad_any), increments = jax.lax.scan(
-            one_move,
-            (state, jnp.zeros_like(state.log_weights), jnp.zeros((n_walkers,), bool)),
-            jax.random.split(move_key, num_steps),
-        )
+        carry = (state, jnp.zeros_like(state.log_weights), jnp.zeros((n,), bool))
+        increments = jnp.zeros((0,), state.log_weights.dtype)
+        if num_plain:
+            carry, increments = jax.lax.scan(one_move, carry, move_keys[:num_plain])
+        state, delta_sum, bad_any = carry
+        if fused:
+            state, delta, increment, bad, param_sum, param_vjp = _fused_move(
+                move_keys[-1], state, params, potential_fn, h, reweight, noise_dtype
+            )
+            delta_sum, bad_any = delta_sum + delta, bad_any | bad
+            increments = jnp.concatenate([increments, increment[None]])
+        pre_resampling = state.log_weights
         if reweight:
             state, ess, resampled, ancestors = _maybe_resample(
                 resample_key, state, resampling_fn, ess_threshold
             )
         else:
-            n = _num_walkers(state)
             ess = jnp.asarray(n, state.log_weights.dtype)
             resampled = jnp.asarray(False)
             ancestors = jnp.arange(n, dtype=jnp.int32)
@@ -406,13 +597,39 @@ def _build_kernel(
             log_weight_increments=delta_sum,
             num_nonfinite=jnp.sum(bad_any).astype(jnp.int32),
         )
-        return state, info
+        if not param_grad:
+            return state, info
+        weights = jnp.exp(state.log_weights)
+        if not fused:
+            return state, info, weighted_param_grad(
+                potential_fn, params, state.particles, weights, batch_size
+            )
+        if reweight:
+            counts = jnp.zeros((n,), weights.dtype).at[ancestors].add(1.0) / n
+            coefficients = jnp.where(resampled, counts, jnp.exp(pre_resampling))
+            walker_grad = param_vjp(coefficients)
+        else:
+            walker_grad = jax.tree.map(lambda g: g / n, param_sum)
+        # a walker whose last evaluation was not finite kept its old position: recompute there
+        ok = ~jnp.any(bad) & _all_finite(walker_grad)
+
+        def recompute_at_kept_walkers():
+            return weighted_param_grad(potential_fn, params, state.particles, weights)
+
+        walker_grad = jax.lax.cond(ok, lambda: walker_grad, recompute_at_kept_walkers)
+        return state, info, walker_grad
 
     return kernel
 
 
-def _check_kernel_args(step_size, resampling_fn, ess_threshold, num_steps) -> int:
+def _check_kernel_args(
+    step_size, resampling_fn, ess_threshold, num_steps, batch_size=None, noise_dtype=None
+) -> int:
     _checks.check_positive("step_size", step_size)
+    if noise_dtype is not None:
+        _checks.check_float_dtype("noise_dtype", noise_dtype)
+    if batch_size is not None:
+        _checks.check_int_at_least("batch_size", batch_size, 1)
     _checks.check_fraction("ess_threshold", ess_threshold)
     if not callable(resampling_fn):
         raise TypeError("`resampling_fn` must be callable (rng_key, weights, num_samples)")
@@ -425,6 +642,8 @@ def build_kernel(
     resampling_fn: Callable = resampling.systematic,
     ess_threshold: float = 0.5,
     num_steps: int = 1,
+    batch_size: int | None = None,
+    noise_dtype: Any = None,
 ) -> Callable:
     """Build the Jarzynski-weighted ULA kernel.
 
@@ -441,6 +660,14 @@ def build_kernel(
     num_steps
         ULA moves per call; the first re-weights :math:`\\theta_k \\to \\theta_{k+1}`, the
         others run at :math:`\\theta_{k+1}`.
+    batch_size
+        Evaluate the walkers in chunks of this many with ``lax.map`` (as BlackJAX's SMC
+        does), bounding the memory of the evaluation by one chunk; ``None`` (default)
+        vmaps over all walkers at once.
+    noise_dtype
+        dtype in which the ULA noise is drawn (:func:`ula_proposal`); default: the
+        walkers' dtype. ``jnp.float32`` for float64 walkers roughly halves the cost of the
+        noise and keeps the weights exact for the moves made.
 
     Returns
     -------
@@ -448,9 +675,12 @@ def build_kernel(
     ``params`` is :math:`\\theta_{k+1}` (``None`` keeps ``state.params``); ``step_size``
     overrides the default for this call (e.g. from an adaptation scheme).
     """
-    num_steps = _check_kernel_args(step_size, resampling_fn, ess_threshold, num_steps)
+    num_steps = _check_kernel_args(
+        step_size, resampling_fn, ess_threshold, num_steps, batch_size, noise_dtype
+    )
     return _build_kernel(
-        potential_fn, step_size, resampling_fn, ess_threshold, num_steps, reweight=True
+        potential_fn, step_size, resampling_fn, ess_threshold, num_steps, reweight=True,
+        batch_size=batch_size, noise_dtype=noise_dtype,
     )
 
 
@@ -461,6 +691,8 @@ def as_top_level_api(
     resampling_fn: Callable = resampling.systematic,
     ess_threshold: float = 0.5,
     num_steps: int = 1,
+    batch_size: int | None = None,
+    noise_dtype: Any = None,
 ) -> SamplingAlgorithm:
     """Jarzynski-weighted ULA as a ``blackjax.SamplingAlgorithm``.
 
@@ -468,13 +700,16 @@ def as_top_level_api(
     ``params``; ``step(rng_key, state, params=None)`` runs one kernel call. Called with
     ``params=None`` at every step it samples the fixed EBM :math:`\\rho_\\theta`, and the
     weighted walkers are free of ULA's discretisation bias. Works with
-    ``blackjax.util.run_inference_algorithm``.
+    ``blackjax.util.run_inference_algorithm``. ``batch_size`` and ``noise_dtype`` as in
+    :func:`build_kernel`.
     """
-    kernel = build_kernel(potential_fn, step_size, resampling_fn, ess_threshold, num_steps)
+    kernel = build_kernel(
+        potential_fn, step_size, resampling_fn, ess_threshold, num_steps, batch_size, noise_dtype
+    )
 
     def init_fn(position: ArrayTree, rng_key: jax.Array | None = None) -> JarzynskiState:
         del rng_key
-        return init(position, params, potential_fn)
+        return init(position, params, potential_fn, batch_size)
 
     def step_fn(
         rng_key: jax.Array, state: JarzynskiState, params: ArrayTree | None = None
@@ -557,6 +792,8 @@ def build_adaptive_kernel(
     ess_threshold: float = 0.5,
     num_steps: int = 1,
     max_backtracks: int = 6,
+    batch_size: int | None = None,
+    noise_dtype: Any = None,
 ) -> Callable:
     """Jarzynski kernel that splits a large parameter move into ESS-controlled sub-steps.
 
@@ -592,12 +829,16 @@ def build_adaptive_kernel(
     every sub-step is at least ``target_ess`` unless the ULA move alone breaks it (then
     the step size is too large) or the backtracks or sub-steps run out.
 
+    ``batch_size`` and ``noise_dtype`` as in :func:`build_kernel`.
+
     Returns ``kernel(rng_key, state, params=None, step_size=None) ->
     (JarzynskiState, AdaptiveJarzynskiInfo)``, on the same state as :func:`build_kernel`.
     """
     _checks.check_fraction("target_ess", target_ess, closed_right=False)
     max_substeps = _checks.check_int_at_least("max_substeps", max_substeps, 1)
-    num_steps = _check_kernel_args(step_size, resampling_fn, ess_threshold, num_steps)
+    num_steps = _check_kernel_args(
+        step_size, resampling_fn, ess_threshold, num_steps, batch_size, noise_dtype
+    )
     max_backtracks = _checks.check_int_at_least("max_backtracks", max_backtracks, 0)
     log_target = jnp.log(target_ess)
     default_step_size = step_size
@@ -623,8 +864,8 @@ def build_adaptive_kernel(
 
         def substep(st, lam, count, key):
             move_key, more_key, resample_key = jax.random.split(key, 3)
-            x_new = ula_proposal(move_key, st.particles, st.grad, h)
-            u_target, g_target = potential_and_grad(potential_fn, target, x_new)
+            x_new = ula_proposal(move_key, st.particles, st.grad, h, noise_dtype)
+            u_target, g_target = potential_and_grad(potential_fn, target, x_new, batch_size)
             # theta(lam_j) at x_new, first order from the cached values at x
             diff = jax.tree.map(jnp.subtract, x_new, st.particles)
             u_here = st.potential + _per_walker_dot(st.grad, diff)
@@ -650,7 +891,7 @@ def build_adaptive_kernel(
                 return jax.lax.cond(
                     lam_f >= 1.0,
                     lambda _: (u_target, g_target),
-                    lambda _: potential_and_grad(potential_fn, path(lam_f), x_new),
+                    lambda _: potential_and_grad(potential_fn, path(lam_f), x_new, batch_size),
                     None,
                 )
 
@@ -685,7 +926,7 @@ def build_adaptive_kernel(
 
             def further(carry, k):
                 s, d, i, b = carry
-                s, d2, i2, b2 = _move(k, s, new_params, potential_fn, h, True)
+                s, d2, i2, b2 = _move(k, s, new_params, potential_fn, h, True, batch_size, noise_dtype)
                 return (s, d + d2, i + i2, b | b2), None
 
             if num_steps > 1:

@@ -3,11 +3,14 @@ r"""Training an EBM by its cross-entropy: Jarzynski, PCD and CD on one code path
 One iteration :math:`k` (everything inside one jitted ``lax.scan`` over a chunk of
 iterations):
 
-1. ``ce_value_and_grad`` at :math:`\theta_k`: data (mini)batch term minus the walkers'
+1. the cross-entropy gradient at :math:`\theta_k`, data (mini)batch term minus the walkers'
    weighted term, :math:`D_k = E_{\text{data}}[\nabla_\theta U_k] - \sum_i w_i \nabla_\theta U_k(X^i)`;
+   the walker term was computed by the previous kernel call, from the same evaluation that
+   gave :math:`U_k, \nabla_x U_k` at the walkers (one evaluation per walker per iteration);
 2. optax update :math:`\theta_{k+1} = \theta_k + \text{optimizer}(D_k)`;
 3. kernel call: ULA move under :math:`\theta_k`, one energy evaluation at
-   :math:`\theta_{k+1}`, Jarzynski weight update, resampling when the ESS is low;
+   :math:`\theta_{k+1}` (value, :math:`\nabla_x` and the walker term of :math:`D_{k+1}`),
+   Jarzynski weight update, resampling when the ESS is low;
 4. a trace row.
 
 Everything recorded per iteration is a cheap reduction over the walkers, so it stays inside
@@ -41,13 +44,14 @@ from blackjax.smc import resampling
 from jax.scipy.special import logsumexp
 
 from numpyro_ebm import _checks
-from numpyro_ebm.estimators import ce_value_and_grad
+from numpyro_ebm.estimators import mean_energy
 from numpyro_ebm.jarzynski_ula import (
     JarzynskiState,
     PotentialFn,
     _build_kernel,
     build_adaptive_kernel,
     init,
+    weighted_param_grad,
 )
 from numpyro_ebm.schedule import acceptance_proxy, step_size_adaptation
 
@@ -193,6 +197,9 @@ def fit(
     checkpoint_dir: str | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    walker_batch_size: int | None = None,
+    mesh: Any = None,
+    noise_dtype: Any = None,
 ) -> FitResult:
     """Train ``potential_fn`` on ``data`` by its cross-entropy.
 
@@ -285,6 +292,36 @@ def fit(
         method, walker count, shapes or key) or an unreadable one raises ``ValueError``
         and is left as it is. With ``snapshot_every``, ``checkpoint_every`` must be a
         multiple of it.
+    walker_batch_size
+        Evaluate the walkers in chunks of this many (``lax.map``/``lax.scan``), so that the
+        memory of an evaluation is that of one chunk (e.g. 10^6 walkers). The parameter
+        gradient at the walkers is then a second chunked pass instead of sharing the
+        forward pass of the move (see "One evaluation per walker" below). ``None``
+        (default): all walkers at once.
+    mesh
+        A :class:`jax.sharding.Mesh`: the walkers are split over its devices
+        (:mod:`numpyro_ebm.sharding`), the parameters and optimiser state are replicated,
+        and the data are split too when their number is a multiple of the mesh size. The
+        weights, ESS, log normaliser and resampling stay global; with the same key the
+        result equals the single-device one up to floating-point reduction order.
+        ``num_walkers`` must be a multiple of ``mesh.size``.
+    noise_dtype
+        dtype of the ULA noise (:func:`numpyro_ebm.jarzynski_ula.ula_proposal`); default
+        the walkers' dtype. ``jnp.float32`` with float64 walkers draws the noise at about
+        half the cost; the weights remain exact for the moves made.
+
+    One evaluation per walker
+    -------------------------
+    Iteration :math:`k` evaluates the energy once at the data (mini)batch (forward and
+    backward in :math:`\\theta`) and once at the walkers. The walkers' evaluation at
+    :math:`(\\theta_{k+1}, X_{k+1})` made by the kernel for the weight update and the next
+    ULA move also gives the walker term :math:`\\sum_i w_i \\nabla_\\theta U_{k+1}(X^i)` of
+    the next gradient :math:`D_{k+1}`: one forward pass and one backward pass with unit
+    cotangents (which is all for PCD and CD, whose weights are equal), plus, for
+    Jarzynski, a second backward pass from the same forward pass with the new weights as
+    cotangents (the weights depend on :math:`\\nabla_x U_{k+1}`, so they exist only after
+    the first backward pass). The result is the same gradient as
+    :func:`numpyro_ebm.estimators.ce_grad` at the new state.
 
     Raises
     ------
@@ -301,6 +338,14 @@ def fit(
     )
     if snapshot_every is not None:
         _checks.check_int_at_least("snapshot_every", snapshot_every, 1)
+    if walker_batch_size is not None:
+        _checks.check_int_at_least("walker_batch_size", walker_batch_size, 1)
+    if noise_dtype is not None:
+        _checks.check_float_dtype("noise_dtype", noise_dtype)
+    if mesh is not None:
+        from numpyro_ebm.sharding import check_mesh
+
+        check_mesh(mesh, num_walkers)
     if khat_fn is not None and not callable(khat_fn):
         raise TypeError("`khat_fn` must be callable: khat_fn(log_weights) -> float")
     if warn_ess_floor is not None:
@@ -342,30 +387,54 @@ def fit(
             f"`init_particles` holds {n_init} walkers but `num_walkers` is {num_walkers}"
         )
     _checks.check_same_event_shape("init_particles", init_particles, "data", data)
-    state = init(init_particles, params, potential_fn)
+    constrain = lambda st: st  # noqa: E731
+    if mesh is not None:
+        from numpyro_ebm import sharding
+
+        init_particles = jax.device_put(init_particles, sharding.walker_sharding(mesh))
+        whole = sharding.replicated(mesh)
+        params = jax.device_put(params, whole)
+        data = jax.device_put(
+            data, sharding.walker_sharding(mesh) if num_data % mesh.size == 0 else whole
+        )
+        constrain = lambda st: sharding.constrain_state(st, mesh)  # noqa: E731
+    state = init(init_particles, params, potential_fn, walker_batch_size)
     opt_state = optimizer.init(params)
 
     if adaptive:
-        kernel = build_adaptive_kernel(
+        adaptive_kernel = build_adaptive_kernel(
             potential_fn, step_size, target_ess, max_substeps, resampling_fn, ess_threshold,
-            num_steps,
+            num_steps, batch_size=walker_batch_size, noise_dtype=noise_dtype,
         )
+
+        def kernel(key, state, params, h):
+            state, info = adaptive_kernel(key, state, params, h)
+            walker_grad = weighted_param_grad(
+                potential_fn, params, state.particles, jnp.exp(state.log_weights),
+                walker_batch_size,
+            )
+            return state, info, walker_grad
     else:
         kernel = _build_kernel(
-            potential_fn, step_size, resampling_fn, ess_threshold, num_steps, reweight=weighted
+            potential_fn, step_size, resampling_fn, ess_threshold, num_steps, reweight=weighted,
+            batch_size=walker_batch_size, param_grad=True, noise_dtype=noise_dtype,
         )
     step_control = step_size_adaptation(target_acceptance) if adapt_step_size else None
 
     def iteration_with_weights(carry, iteration):
         """One iteration; also returns the normalised log weights before resampling."""
-        params, opt_state, state, step_state = carry
+        params, opt_state, state, step_state, walker_grad = carry
         key = jax.random.fold_in(loop_key, iteration)
         batch_key, move_key, restart_key = jax.random.split(key, 3)
         if batch_size is None:
             batch = data
         else:
             batch = _take(data, jax.random.choice(batch_key, num_data, (batch_size,), False))
-        data_energy, grads = ce_value_and_grad(potential_fn, params, batch, state)
+        # D_k = data term - walker term; the walker term came with the last evaluation
+        data_energy, data_grad = jax.value_and_grad(mean_energy, argnums=1)(
+            potential_fn, params, batch
+        )
+        grads = jax.tree.map(jnp.subtract, data_grad, walker_grad)
         row = {"grad_norm": optax.tree.norm(grads), "data_energy": data_energy}
         if weighted:
             row["log_normalizer"] = state.log_normalizer
@@ -380,7 +449,7 @@ def fit(
 
             def from_data(_):
                 idx = jax.random.randint(restart_key, (num_walkers,), 0, num_data)
-                return init(_take(data, idx), new_params, potential_fn)
+                return constrain(init(_take(data, idx), new_params, potential_fn, walker_batch_size))
 
             state = jax.lax.cond(restart, from_data, lambda _: state, None)
         moved_log_weights = state.log_weights
@@ -388,7 +457,8 @@ def fit(
                         state.potential.dtype)
         live = jnp.isfinite(state.log_weights)
         row["max_abs_potential"] = jnp.max(jnp.where(live, jnp.abs(state.potential), 0.0))
-        state, info = kernel(move_key, state, new_params, h)
+        state, info, walker_grad = kernel(move_key, state, new_params, h)
+        state = constrain(state)
         row["step_size"] = h
         row["num_nonfinite"] = info.num_nonfinite
         pre_log_weights = None
@@ -410,7 +480,7 @@ def fit(
                 acceptance = acceptance_proxy(start_log_weights, info.log_weight_increments)
                 row["acceptance"] = acceptance
                 step_state = step_control.update(step_state, acceptance)
-        return (new_params, opt_state, state, step_state), row, pre_log_weights
+        return (new_params, opt_state, state, step_state, walker_grad), row, pre_log_weights
 
     def one_iteration(carry, iteration):
         carry, row, _ = iteration_with_weights(carry, iteration)
@@ -459,7 +529,10 @@ def fit(
     step_state = None if step_control is None else step_control.init(
         jnp.asarray(step_size, state.potential.dtype)
     )
-    carry = (params, opt_state, state, step_state)
+    walker_grad = jax.jit(weighted_param_grad, static_argnums=(0, 4))(
+        potential_fn, params, state.particles, jnp.exp(state.log_weights), walker_batch_size
+    )
+    carry = (params, opt_state, state, step_state, walker_grad)
     rows, snaps = [], []
 
     checkpointer = None
@@ -542,7 +615,7 @@ def fit(
                 if bad > 0:
                     good = run_chunk(chunk_start_carry, jnp.asarray(start), bad)[0]
                     rows.append(jax.tree.map(lambda leaf, b=bad: leaf[:b], chunk_rows))
-                p_good, o_good, s_good, _ = good
+                p_good, o_good, s_good, *_ = good
                 partial_trace = trace_so_far() if rows else {}
                 raise NonFiniteError(
                     _failure_message(chunk_rows, bad, start + bad, num_walkers),
@@ -578,7 +651,7 @@ def fit(
         message = _degeneracy_message(trace, warn_ess_floor, warn_khat, warn_patience)
         if message is not None:
             warnings.warn(message, WeightDegeneracyWarning, stacklevel=2)
-    params, opt_state, state, _ = carry
+    params, opt_state, state, *_ = carry
     return FitResult(params=params, state=state, trace=trace, opt_state=opt_state, method=method)
 
 

@@ -229,6 +229,10 @@ P = {"mu": jnp.zeros(2), "log_scale": jnp.zeros(())}
         (lambda: ju.init(jnp.full((4, 2), jnp.inf), P, gaussian_potential), "particles"),
         (lambda: ju.init(jnp.zeros((1, 2)), P, gaussian_potential), "particles"),
         (lambda: ju.init(jnp.zeros((4, 2)), P, lambda p, x: x), "potential_fn"),
+        (lambda: ju.build_kernel(gaussian_potential, 0.1, batch_size=0), "batch_size"),
+        (lambda: ju.build_kernel(gaussian_potential, 0.1, noise_dtype=jnp.int32), "noise_dtype"),
+        (lambda: ju.build_kernel(gaussian_potential, 0.1, noise_dtype="bogus"), "noise_dtype"),
+        (lambda: ju.init(jnp.zeros((4, 2)), P, gaussian_potential, batch_size=0), "batch_size"),
     ],
 )
 def test_bad_input_names_the_argument(call, match):
@@ -301,6 +305,8 @@ def test_adaptive_kernel_is_one_ordinary_call_for_a_small_move(x64):
         ({"target_ess": 1.5}, "target_ess"),
         ({"max_substeps": 0}, "max_substeps"),
         ({"step_size": -0.1}, "step_size"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"noise_dtype": "int8"}, "noise_dtype"),
     ],
 )
 def test_adaptive_kernel_bad_input_names_the_argument(kw, match):
@@ -335,3 +341,111 @@ def test_non_finite_walkers_get_zero_weight_and_are_replaced(x64):
     _, info2 = forced(jax.random.key(2), new, p)
     assert bool(info2.resampled)
     assert not np.any(dead[np.asarray(info2.ancestors)])
+
+
+# ---------------------------------------------------------------------------------------
+# Chunked and fused evaluation
+# ---------------------------------------------------------------------------------------
+
+
+def test_chunked_evaluation_equals_the_vmapped_one(x64):
+    """batch_size (lax.map over chunks, a remainder chunk included) changes nothing but the
+    memory: values, gradients, the weighted parameter gradient and a kernel call agree."""
+    p = gaussian_params([0.3, -0.2], 0.1, jnp.float64)
+    x = jax.random.normal(jax.random.key(0), (103, 2))
+    c = jax.random.uniform(jax.random.key(1), (103,))
+    u0, g0 = ju.potential_and_grad(gaussian_potential, p, x)
+    u1, g1 = ju.potential_and_grad(gaussian_potential, p, x, batch_size=10)
+    np.testing.assert_allclose(u1, u0, rtol=1e-12)
+    np.testing.assert_allclose(g1, g0, rtol=1e-12)
+    w0 = ju.weighted_param_grad(gaussian_potential, p, x, c)
+    w1 = ju.weighted_param_grad(gaussian_potential, p, x, c, batch_size=10)
+    for a, b in zip(jax.tree.leaves(w1), jax.tree.leaves(w0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    # the weighted parameter gradient by hand: dU/dmu = -(x - mu) e^{-2s},
+    # dU/ds = -|x - mu|^2 e^{-2s}
+    scale = np.exp(-2 * 0.1)
+    diff = np.asarray(x) - np.asarray(p["mu"])
+    np.testing.assert_allclose(w0["mu"], -(np.asarray(c)[:, None] * diff).sum(0) * scale, rtol=1e-12)
+    np.testing.assert_allclose(w0["log_scale"], -(np.asarray(c) * (diff**2).sum(1)).sum() * scale,
+                               rtol=1e-12)
+    p2 = gaussian_params([0.5, -0.1], 0.2, jnp.float64)
+    outs = [ju.build_kernel(gaussian_potential, 0.2, batch_size=b)(
+        jax.random.key(2), ju.init(x, p, gaussian_potential, batch_size=b), p2) for b in (None, 7)]
+    for a, b in zip(jax.tree.leaves(outs[1]), jax.tree.leaves(outs[0]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reweight", [True, False])
+@pytest.mark.parametrize("ess_threshold", [1e-9, 1.0])
+def test_fused_walker_gradient_is_the_weighted_gradient_at_the_new_state(x64, reweight, ess_threshold):
+    """The kernel's third output (param_grad=True) is sum_i w_i grad_theta U(X^i) at the
+    state it returns: with and without resampling (ess_threshold 1.0 forces it), for
+    weighted and equal (PCD) weights, and with walkers whose new evaluation is not finite
+    (NaN for x0 > 2), where the fused pass cannot be used and the gradient is recomputed."""
+    from blackjax.smc import resampling
+
+    def nan_beyond_2(params, x):
+        return gaussian_potential(params, x) + jnp.where(x[0] > 2.0, jnp.nan, 0.0)
+
+    p = gaussian_params([0.0, 0.0], 0.0, jnp.float64)
+    p2 = gaussian_params([0.2, 0.1], -0.1, jnp.float64)
+    x = jax.random.normal(jax.random.key(0), (300, 2)) * 0.5
+    for edge in (False, True):
+        u = nan_beyond_2 if edge else gaussian_potential
+        x0 = x.at[:5, 0].set(1.99) if edge else x
+        kernel = ju._build_kernel(u, 0.3, resampling.systematic, ess_threshold, 2, reweight,
+                                  param_grad=True)
+        state, info, walker_grad = jax.jit(kernel)(jax.random.key(1), ju.init(x0, p, u), p2)
+        assert (int(info.num_nonfinite) > 0) == edge
+        assert bool(info.resampled) == (reweight and ess_threshold == 1.0)
+        want = ju.weighted_param_grad(u, p2, state.particles, jnp.exp(state.log_weights))
+        for a, b in zip(jax.tree.leaves(walker_grad), jax.tree.leaves(want), strict=True):
+            assert np.all(np.isfinite(a))
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_standard_normal_float32_has_the_normal_distribution():
+    """The float32 generator (both threefry words per block): mean, variance, fourth moment,
+    the correlation of neighbouring draws (words of one block) and a Kolmogorov-Smirnov
+    distance, each within 4 standard errors of the normal values for 10^6 draws; the
+    float64 path is jax.random.normal's; non-threefry keys work."""
+    from scipy import stats
+
+    n = 1_000_000
+    z = np.asarray(jax.jit(lambda k: ju.standard_normal(k, (n,), jnp.float32))(jax.random.key(0)),
+                   np.float64)
+    se = 1 / math.sqrt(n)
+    assert abs(z.mean()) < 4 * se
+    assert abs(z.var() - 1) < 4 * math.sqrt(2) * se
+    assert abs(np.mean(z**4) - 3) < 4 * math.sqrt(96) * se
+    assert abs(np.mean(z[:-1] * z[1:])) < 4 * se
+    assert abs(np.mean(z[: n // 2] * z[n // 2:])) < 4 * math.sqrt(2) * se
+    # KS: sqrt(n) D is below 1.63 with probability 0.99
+    assert stats.kstest(z, "norm").statistic * math.sqrt(n) < 1.63
+    with jax.enable_x64(True):
+        k = jax.random.key(1)
+        np.testing.assert_array_equal(ju.standard_normal(k, (5, 3), jnp.float64),
+                                      jax.random.normal(k, (5, 3), jnp.float64))
+    rbg = ju.standard_normal(jax.random.key(1, impl="rbg"), (7,), jnp.float32)
+    assert rbg.shape == (7,) and rbg.dtype == jnp.float32
+
+
+def test_float32_noise_for_float64_walkers_keeps_the_jarzynski_identity(x64):
+    """noise_dtype=float32 with float64 walkers: the weights still remove ULA's bias
+    (walkers at N(0, 1), h = 0.5: the weighted second moment is 1 within 4 standard
+    errors, the unweighted one is off) and the particles stay float64."""
+    p = gaussian_params([0.0], 0.0, jnp.float64)
+    x = jax.random.normal(jax.random.key(0), (20000, 1), jnp.float64)
+    state = ju.init(x, p, gaussian_potential)
+    kernel = jax.jit(ju.build_kernel(gaussian_potential, 0.5, ess_threshold=1e-9,
+                                     noise_dtype=jnp.float32))
+    for i in range(20):
+        state, _ = kernel(jax.random.key(i + 1), state)
+    assert state.particles.dtype == jnp.float64
+    w = np.exp(np.asarray(state.log_weights))
+    x2 = np.asarray(state.particles[:, 0]) ** 2
+    ess = 1 / np.sum(w**2)
+    weighted = np.sum(w * x2)
+    assert abs(weighted - 1) < 4 * math.sqrt(2 / ess), (weighted, ess)
+    assert np.mean(x2) > 1.2  # plain ULA at h = 0.5 has variance 1 / (1 - h / 2) = 4 / 3

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).parent.parent / "numpyro_ebm"
-CORE = ["jarzynski_ula", "estimators", "train", "schedule", "normalizer", "checkpoint", "_checks"]
+CORE = ["jarzynski_ula", "estimators", "train", "sharding", "schedule", "normalizer", "checkpoint", "_checks"]
 OUTSIDE = {
     "numpyro_ebm.potentials", "numpyro_ebm.distributions", "numpyro_ebm.diagnostics",
     "numpyro_ebm.datasets", "numpyro_ebm.experiments", "numpyro_ebm.cli",

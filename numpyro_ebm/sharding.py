@@ -1,0 +1,80 @@
+r"""Walkers sharded over devices.
+
+The walker axis (the leading axis of ``particles``, ``log_weights``, ``potential`` and
+``grad``) is split over the devices of a :class:`jax.sharding.Mesh`; parameters are
+replicated. Everything else is left to XLA's sharding propagation (GSPMD) inside the
+jitted loop: the ULA moves and energy evaluations run where their walkers live, while the
+quantities that couple the walkers stay global:
+
+* the normalisation :math:`\log\sum_i e^{A^i}` of the weights, the ESS and the
+  log-normaliser increment are reductions over all walkers (an all-reduce);
+* the weighted parameter gradient :math:`\sum_i w_i \nabla_\theta U(X^i)` is a sum over
+  all walkers (an all-reduce of one parameter-sized tree);
+* resampling draws global ancestor indices from all the weights and gathers the chosen
+  walkers across devices.
+
+JAX's default PRNG (``threefry`` with ``jax_threefry_partitionable``, the default) draws
+the same numbers whatever the sharding, so a sharded run reproduces the single-device run
+with the same key up to the order of floating-point reductions.
+
+With several hosts, call ``jax.distributed.initialize()`` on each process first; a
+``Mesh`` over ``jax.devices()`` (all processes' devices) then shards the walkers over
+every device of every host, and the same code runs unchanged (see the docs page "Scale").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from numpyro_ebm.jarzynski_ula import JarzynskiState
+
+__all__ = ["walker_sharding", "replicated", "shard_state", "constrain_state", "check_mesh"]
+
+
+def check_mesh(mesh: Any, num_walkers: int) -> Mesh:
+    """``mesh`` if it is a :class:`jax.sharding.Mesh` whose size divides ``num_walkers``;
+    otherwise a clear error naming the argument."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if num_walkers % mesh.size:
+        raise ValueError(
+            f"`num_walkers` ({num_walkers}) must be a multiple of the number of devices in "
+            f"`mesh` ({mesh.size}) to shard the walkers evenly"
+        )
+    return mesh
+
+
+def walker_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (walker) axis split over all axes of ``mesh``, other axes whole."""
+    return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _state_shardings(state: JarzynskiState, mesh: Mesh) -> JarzynskiState:
+    split, whole = walker_sharding(mesh), replicated(mesh)
+    per_walker = lambda tree: jax.tree.map(lambda _: split, tree)  # noqa: E731
+    return JarzynskiState(
+        particles=per_walker(state.particles),
+        log_weights=split,
+        params=jax.tree.map(lambda _: whole, state.params),
+        potential=split,
+        grad=per_walker(state.grad),
+        log_normalizer=whole,
+    )
+
+
+def shard_state(state: JarzynskiState, mesh: Mesh) -> JarzynskiState:
+    """Place ``state`` on ``mesh``: walkers split, parameters and log normaliser copied."""
+    return jax.device_put(state, _state_shardings(state, mesh))
+
+
+def constrain_state(state: JarzynskiState, mesh: Mesh) -> JarzynskiState:
+    """Inside ``jit``: ask XLA to keep ``state`` sharded as :func:`shard_state` places it."""
+    return jax.lax.with_sharding_constraint(state, _state_shardings(state, mesh))
