@@ -206,6 +206,22 @@ def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
         "--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay (default %(default)s)"
     )
     p.add_argument(
+        "--clip-norm", type=_positive_float, default=d.clip_norm,
+        help="gradient clipping: largest global norm of the cross-entropy gradient (default %(default)s)",
+    )
+    p.add_argument(
+        "--num-steps", type=_positive_int, default=d.num_steps,
+        help="ULA moves per training iteration (default %(default)s)",
+    )
+    p.add_argument(
+        "--noise-std", type=float, default=d.noise_std,
+        help="pixel noise of the fixed noisy copies of the training images, 0: none (default %(default)s)",
+    )
+    p.add_argument(
+        "--noise-copies", type=_positive_int, default=d.noise_copies,
+        help="noisy copies of every training image (default %(default)s)",
+    )
+    p.add_argument(
         "--batch-size", type=_positive_int, default=d.batch_size,
         help="data minibatch (default %(default)s: all images)",
     )
@@ -222,7 +238,8 @@ def _run_digits_like(args: argparse.Namespace) -> int:
         classes=args.classes, proportions=args.proportions, num_samples=args.num_samples,
         hidden=args.hidden, num_walkers=args.num_walkers, num_iterations=args.num_iterations,
         step_size=args.step_size, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-        batch_size=args.batch_size, methods=args.methods, seed=args.seed,
+        clip_norm=args.clip_norm, num_steps=args.num_steps, noise_std=args.noise_std,
+        noise_copies=args.noise_copies, batch_size=args.batch_size, methods=args.methods, seed=args.seed,
     )
     if mnist:
         changes.update(data_dir=args.data_dir, split=args.split, model=args.model, channels=args.channels)

@@ -66,8 +66,11 @@ def test_tiny_run_reports_masses_and_cross_entropy():
     # at theta_0 the walkers are exact draws and log Z_0 is known: CE = data energy + log Z_0
     assert trace["log_normalizer"][0] == 0.0
     assert trace["cross_entropy"][0] == pytest.approx(trace["data_energy"][0] + results["log_z0"], rel=1e-6)
-    # data energy of N(mean, scale^2) at theta_0 is D/2 (the scale is the data's pixel std)
-    assert trace["data_energy"][0] == pytest.approx(32.0, rel=1e-3)
+    # data energy of N(mean, scale^2) at theta_0 is D/2 (the scale is the clean images' pixel
+    # std), plus D noise_std^2 / (2 scale^2) for the fixed noisy copies the model is fitted to
+    scale = results["base"]["scale"]
+    expected = 32.0 * (1.0 + TINY.noise_std**2 / scale**2)
+    assert trace["data_energy"][0] == pytest.approx(expected, abs=0.2)
     # PCD keeps equal weights, so its weighted and unweighted masses agree
     np.testing.assert_allclose(results["pcd"]["masses"], results["pcd"]["unweighted_masses"])
     table = digits.format_table(results)
@@ -86,8 +89,23 @@ def test_tiny_run_reports_masses_and_cross_entropy():
         (dict(num_walkers=1), "num_walkers"),
         (dict(step_size=0.0), "step_size"),
         (dict(methods=("sgld",)), "methods"),
+        (dict(schedule="linear"), "schedule"),
+        (dict(target_ess=1.0), "target_ess"),
+        (dict(num_steps=0), "num_steps"),
+        (dict(clip_norm=0.0), "clip_norm"),
     ],
 )
 def test_config_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         digits.DigitsConfig(**kwargs)
+
+
+def test_num_steps_and_adaptive_schedule_reach_fit():
+    # the adaptive schedule is for the weighted walkers only: PCD runs with the fixed one
+    config = dataclasses.replace(TINY, num_iterations=10, num_steps=2, schedule="adaptive", max_substeps=3)
+    results = digits.run(config)
+    trace = results["jarzynski"]["result"].trace
+    assert trace["num_substeps"].shape == (10,)
+    assert 1 <= int(trace["num_substeps"].max()) <= 3
+    assert "num_substeps" not in results["pcd"]["result"].trace
+    assert digits.summary(results)["config"]["num_steps"] == 2

@@ -280,7 +280,7 @@ def _reference_loop(method, data, params, optimizer, num_walkers, step_size, num
     optax, then the kernel (or plain ULA moves for PCD/CD)."""
     from blackjax.smc import resampling
 
-    from numpyro_ebm import ce_grad
+    from numpyro_ebm.estimators import ce_value_and_grad
     from numpyro_ebm.jarzynski_ula import _build_kernel, init
 
     init_key, loop_key = jax.random.split(rng_key)
@@ -292,19 +292,26 @@ def _reference_loop(method, data, params, optimizer, num_walkers, step_size, num
     state = init(particles, params, u)
     kernel = _build_kernel(u, step_size, resampling.systematic, ess_threshold, 1,
                            reweight=method == "jarzynski")
+
+    @jax.jit
+    def step(params, opt_state, state, k):
+        key = jax.random.fold_in(loop_key, k)
+        _, move_key, restart_key = jax.random.split(key, 3)
+        grads = ce_value_and_grad(u, params, data, state)[1]
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if method == "cd":
+            idx = jax.random.randint(restart_key, (num_walkers,), 0, n_data)
+            state = jax.lax.cond(k % cd_restart_every == 0,
+                                 lambda: init(data[idx], params, u), lambda: state)
+        state, info = kernel(move_key, state, params, step_size)
+        return params, opt_state, state, info.resampled
+
     opt_state = optimizer.init(params)
     resampled = 0
     for k in range(num_iterations):
-        key = jax.random.fold_in(loop_key, k)
-        _, move_key, restart_key = jax.random.split(key, 3)
-        grads = ce_grad(u, params, data, state)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        if method == "cd" and k % cd_restart_every == 0:
-            idx = jax.random.randint(restart_key, (num_walkers,), 0, n_data)
-            state = init(data[idx], params, u)
-        state, info = kernel(move_key, state, params, step_size)
-        resampled += int(info.resampled)
+        params, opt_state, state, did = step(params, opt_state, state, k)
+        resampled += int(did)
     return params, state, resampled
 
 

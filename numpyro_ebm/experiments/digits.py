@@ -18,7 +18,11 @@ the walkers start as exact draws from it and
 cross-entropy estimate is meaningful.
 
 Jarzynski and PCD are trained side by side with the same optimiser (plain SGD with gradient
-clipping), walkers, step size, keys and number of iterations. A digit classifier
+clipping and weight decay), walkers, step size, keys and number of iterations. By default
+the model is fitted to ``noise_copies`` fixed noisy copies of every training image (pixel
+noise ``noise_std``; the class proportions are unchanged), which smooths the energy; the
+gradient clip at norm 1 bounds the parameter move per iteration, and with it the Jarzynski
+weight increments (see ``docs/digits.md``). A digit classifier
 (scikit-learn logistic regression restricted to the training classes) is trained on images
 of those classes that are *not* in the energy model's training subset; its held-out accuracy
 is reported. The class masses of the model are measured as the classifier's hard labels of
@@ -76,15 +80,19 @@ class DigitsConfig:
     model: str = "mlp"
     hidden: int = 128
     channels: int = 16
-    num_walkers: int = 1000
-    num_iterations: int = 4000
+    num_walkers: int = 2000
+    num_iterations: int = 8000
     step_size: float = 0.01
     learning_rate: float = 0.005
-    clip_norm: float = 10.0
-    weight_decay: float = 0.2
-    noise_std: float = 0.0
-    noise_copies: int = 1
+    clip_norm: float = 1.0
+    weight_decay: float = 0.05
+    noise_std: float = 0.15
+    noise_copies: int = 4
     batch_size: int | None = None
+    num_steps: int = 1
+    schedule: str = "fixed"
+    target_ess: float = 0.5
+    max_substeps: int = 10
     ess_threshold: float = 0.5
     num_snapshots: int = 10
     classifier_test_fraction: float = 0.3
@@ -97,11 +105,17 @@ class DigitsConfig:
             raise ValueError(f"`source` must be 'digits' or 'mnist', got {self.source!r}")
         if self.source == "mnist" and self.data_dir is None:
             raise ValueError("`data_dir` is required when `source` is 'mnist'")
+        if self.schedule not in ("fixed", "adaptive"):
+            raise ValueError(f"`schedule` must be 'fixed' or 'adaptive', got {self.schedule!r}")
+        if not 0.0 < self.target_ess < 1.0:
+            raise ValueError(f"`target_ess` must lie in (0, 1), got {self.target_ess}")
         if self.model not in ("mlp", "conv"):
             raise ValueError(f"`model` must be 'mlp' or 'conv', got {self.model!r}")
         if self.weight_decay < 0 or self.noise_std < 0:
             raise ValueError("`weight_decay` and `noise_std` must be non-negative")
-        for name in ("hidden", "channels", "num_iterations", "num_snapshots", "noise_copies"):
+        for name in (
+            "hidden", "channels", "num_iterations", "num_snapshots", "noise_copies", "num_steps", "max_substeps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}")
         if self.num_walkers < 2:
@@ -258,7 +272,8 @@ def mnist_defaults(data_dir: str | None = None) -> DigitsConfig:
     return DigitsConfig(
         source="mnist", data_dir=data_dir if data_dir is not None else "", split="test",
         num_samples=1400, model="conv", hidden=64, channels=8, num_walkers=500,
-        num_iterations=1500, step_size=0.01, learning_rate=0.005, weight_decay=0.2,
+        num_iterations=1500, step_size=0.01, learning_rate=0.005, weight_decay=0.2, clip_norm=10.0,
+        noise_std=0.0, noise_copies=1,
     )
 
 
@@ -318,6 +333,9 @@ def run(
         "potential_fn": potential_fn,
     }
     for method in config.methods:
+        schedule = {}
+        if method == "jarzynski" and config.schedule == "adaptive":  # needs the weights
+            schedule = dict(schedule="adaptive", target_ess=config.target_ess, max_substeps=config.max_substeps)
         t0 = time.perf_counter()
         result: FitResult = fit(
             potential_fn, params0, train_images, optimizer=optimizer, method=method,
@@ -325,6 +343,7 @@ def run(
             num_iterations=config.num_iterations, rng_key=fit_key, init_particles=init_particles,
             batch_size=batch_size, log_z0=base["log_z0"] if method == "jarzynski" else None,
             ess_threshold=config.ess_threshold, snapshot_every=snapshot_every, progress=progress,
+            num_steps=config.num_steps, **schedule,
         )
         jax.block_until_ready(result.params)
         wall = time.perf_counter() - t0
@@ -498,7 +517,8 @@ def plot(results: dict[str, Any], path: str) -> None:
     fig.suptitle(
         f"{config.source}: digits {'/'.join(map(str, classes))} at "
         f"{':'.join(map(str, data.proportions))} ({', '.join(str(n) for n in data.counts.values())} images), "
-        f"{config.num_walkers} walkers, h={config.step_size}, sgd({config.learning_rate})",
+        f"{config.num_walkers} walkers, h={config.step_size}, sgd({config.learning_rate}), clip {config.clip_norm}"
+        + (f", data noise {config.noise_std} x{config.noise_copies}" if config.noise_std > 0 else ""),
         fontsize=10,
     )
     fig.tight_layout()
