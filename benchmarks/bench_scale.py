@@ -43,7 +43,7 @@ CACHE = os.path.join(tempfile.gettempdir(), "numpyro_ebm_bench_cache")
 def gmm_case(**kw):
     case = dict(energy="gmm", dim=50, num_walkers=10_000, num_data=10_000, float64=True,
                 noise_dtype=None, devices=1, walker_batch_size=None,
-                methods=["jarzynski", "pcd"], short=20, long=520, repeats=3)
+                methods=["jarzynski", "pcd"], short=20, long=320, repeats=3)
     case.update(kw)
     return case
 

@@ -61,10 +61,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from blackjax.base import SamplingAlgorithm
-from jax.extend.random import threefry_2x32
 from blackjax.smc import resampling
 from blackjax.smc.ess import log_ess
 from blackjax.smc.solver import dichotomy
+from jax.extend.random import threefry_2x32
 from jax.scipy.special import logsumexp
 
 from numpyro_ebm import _checks

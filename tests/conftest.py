@@ -1,8 +1,20 @@
-"""Shared fixtures: run a test in float32 and float64."""
+"""Shared fixtures: run a test in float32 and float64.
 
-import jax
-import jax.numpy as jnp
-import pytest
+The tests are dominated by XLA compilation (every `fit` compiles its own loop), so they
+ask LLVM for its cheapest code generation (`--xla_backend_optimization_level=0`): about a
+third less wall time, the same semantics. Set before JAX starts its CPU backend, and
+inherited by the subprocesses of the example and sharding tests.
+"""
+
+import os
+
+_FAST_COMPILE = "--xla_backend_optimization_level=0"
+if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture(params=["float32", "float64"])

@@ -62,8 +62,8 @@ def test_sharded_walkers_reproduce_the_single_device_run():
     """Four CPU devices, walkers split four ways: same key, same parameters, walkers,
     weights and log normaliser as on one device (float64, up to reduction order), with
     resampling (global ancestors) happening; the walkers really are split."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
