@@ -271,9 +271,9 @@ def mnist_defaults(data_dir: str | None = None) -> DigitsConfig:
     """Defaults of the MNIST (28x28) run: a small CNN and a CPU-sized budget."""
     return DigitsConfig(
         source="mnist", data_dir=data_dir if data_dir is not None else "", split="test",
-        num_samples=1400, model="conv", hidden=64, channels=8, num_walkers=500,
-        num_iterations=1500, step_size=0.01, learning_rate=0.005, weight_decay=0.2, clip_norm=10.0,
-        noise_std=0.0, noise_copies=1,
+        num_samples=1400, model="conv", hidden=64, channels=8, num_walkers=300,
+        num_iterations=1000, step_size=0.01, learning_rate=0.005, weight_decay=0.05, clip_norm=1.0,
+        noise_std=0.0, noise_copies=1, batch_size=100,
     )
 
 
