@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from numpyro_ebm import _checks
-from numpyro_ebm.jarzynski_ula import JarzynskiState, PotentialFn
+from numpyro_ebm.jarzynski_ula import JarzynskiState, PotentialFn, weighted_param_grad
 
 __all__ = ["ce_grad", "ce_estimate", "ce_value_and_grad", "mean_energy"]
 
@@ -37,21 +37,23 @@ def mean_energy(potential_fn: PotentialFn, params: Any, samples: Any) -> jax.Arr
 
 
 def ce_value_and_grad(
-    potential_fn: PotentialFn, params: Any, data: Any, state: JarzynskiState
+    potential_fn: PotentialFn,
+    params: Any,
+    data: Any,
+    state: JarzynskiState,
+    walker_grad: Any = None,
 ) -> tuple[jax.Array, Any]:
     """Mean data energy :math:`\\frac1n\\sum_j U_\\theta(x_j)` and the cross-entropy gradient
-    (as :func:`ce_grad`) from one forward/backward pass over the data and one over the
-    walkers."""
-
-    weights = jax.lax.stop_gradient(jax.nn.softmax(state.log_weights))
-
-    def surrogate(p):
-        data_energy = mean_energy(potential_fn, p, data)
-        walker_energy = jax.vmap(potential_fn, in_axes=(None, 0))(p, state.particles)
-        return data_energy - jnp.sum(weights * walker_energy), data_energy
-
-    (_, data_energy), grads = jax.value_and_grad(surrogate, has_aux=True)(params)
-    return data_energy, grads
+    (as :func:`ce_grad`): one forward/backward pass over the data, minus the walkers' term
+    :math:`\\sum_i w_i \\nabla_\\theta U_\\theta(X^i)`. That term is ``walker_grad`` when given
+    (``fit`` takes it from the kernel's evaluation at the walkers), otherwise one weighted
+    forward/backward pass over the walkers
+    (:func:`numpyro_ebm.jarzynski_ula.weighted_param_grad`)."""
+    data_energy, data_grad = jax.value_and_grad(mean_energy, argnums=1)(potential_fn, params, data)
+    if walker_grad is None:
+        weights = jax.nn.softmax(state.log_weights)
+        walker_grad = weighted_param_grad(potential_fn, params, state.particles, weights)
+    return data_energy, jax.tree.map(jnp.subtract, data_grad, walker_grad)
 
 
 def _check_inputs(data: Any, state: JarzynskiState) -> None:

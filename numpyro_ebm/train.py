@@ -44,7 +44,7 @@ from blackjax.smc import resampling
 from jax.scipy.special import logsumexp
 
 from numpyro_ebm import _checks
-from numpyro_ebm.estimators import mean_energy
+from numpyro_ebm.estimators import ce_value_and_grad
 from numpyro_ebm.jarzynski_ula import (
     JarzynskiState,
     PotentialFn,
@@ -431,10 +431,7 @@ def fit(
         else:
             batch = _take(data, jax.random.choice(batch_key, num_data, (batch_size,), False))
         # D_k = data term - walker term; the walker term came with the last evaluation
-        data_energy, data_grad = jax.value_and_grad(mean_energy, argnums=1)(
-            potential_fn, params, batch
-        )
-        grads = jax.tree.map(jnp.subtract, data_grad, walker_grad)
+        data_energy, grads = ce_value_and_grad(potential_fn, params, batch, state, walker_grad)
         row = {"grad_norm": optax.tree.norm(grads), "data_energy": data_energy}
         if weighted:
             row["log_normalizer"] = state.log_normalizer
