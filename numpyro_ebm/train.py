@@ -266,8 +266,11 @@ def fit(
         the normalised ESS stays below ``warn_ess_floor`` for at least ``warn_patience``
         consecutive iterations, or when :math:`\\hat k` stays above ``warn_khat`` on
         consecutive snapshots spanning at least ``warn_patience`` iterations (at least one
-        snapshot). The message gives the iteration range and what to change. ``None``
-        switches a check off.
+        snapshot), or when the walkers were resampled in at least half of some
+        ``max(5 * warn_patience, 100)`` consecutive iterations (each resampling resets the
+        ESS, so a run can degenerate without the ESS staying low). The message gives the
+        iteration range and what to change. ``warn_ess_floor=None`` switches the ESS and
+        resampling-rate checks off, ``warn_khat=None`` the :math:`\\hat k` check.
     schedule, target_ess, max_substeps
         ``"fixed"``: one kernel call per iteration. ``"adaptive"`` (``"jarzynski"`` only):
         the move :math:`\\theta_k \\to \\theta_{k+1}` is split into sub-steps that keep the
@@ -736,6 +739,19 @@ def _degeneracy_message(
                 f"normalised ESS < {ess_floor:g} over iterations {first}-{last} "
                 f"({int(low.sum())} iterations in all)"
             )
+    # resampling at a high rate: each resampling only lasts a few iterations, so the ESS
+    # never stays low for long, yet the walkers are being rebuilt from a few ancestors
+    resampled = np.asarray(trace.get("resampled", []), np.int64)
+    window = max(5 * patience, 100)
+    if ess_floor is not None and resampled.size >= window:
+        counts = np.convolve(resampled, np.ones(window, np.int64), mode="valid")
+        first = int(np.argmax(counts >= window // 2))
+        if counts[first] >= window // 2:
+            findings.append(
+                f"resampled in {int(counts[first])} of the {window} iterations {first}-"
+                f"{first + window - 1} ({int(resampled.sum())} resamplings in all): the "
+                "weights cannot keep up with the parameter moves"
+            )
     snapshots = trace.get("snapshots", {})
     if khat_max is not None and "pareto_k" in snapshots:
         iterations = snapshots["iteration"]
@@ -755,6 +771,8 @@ def _degeneracy_message(
         "Jarzynski weights degenerate: "
         + "; ".join(findings)
         + ". The weighted estimates (gradient, log-normaliser, cross-entropy) are unreliable "
-        "there. Try more walkers (`num_walkers`), a smaller `step_size` or learning rate, "
-        "or more frequent resampling (a higher `ess_threshold`)."
+        "there. Try a smaller learning rate or a gradient clip (optax.clip_by_global_norm: "
+        "the weight increments grow with the parameter step), more walkers "
+        "(`num_walkers`), a smaller `step_size`, `schedule='adaptive'`, or more frequent "
+        "resampling (a higher `ess_threshold`)."
     )

@@ -406,3 +406,19 @@ def test_plot_samples_image_grid_png(tmp_path):
     dg.plot_samples(images.reshape(20, 64), image_shape=(8, 8), path=tmp_path / "flat.png")
     with pytest.raises(ValueError, match="`image_shape`"):
         dg.plot_samples(images.reshape(20, 64), image_shape=(7, 7))
+
+
+def test_resampling_rate_criterion():
+    """A run that resamples in at least half of some window of max(5 * patience, 100)
+    iterations is flagged even though its ESS never stays below the floor (each resampling
+    resets it); a few resamplings, or the ESS check switched off, are not flagged."""
+    n = 400
+    resampled = np.zeros(n, bool)
+    resampled[250::2] = True  # every other iteration from 250 on: 75 in the last 150
+    trace = {"normalized_ess": np.full(n, 0.6), "resampled": resampled}
+    message = _degeneracy_message(trace, 0.05, 0.7, 20)
+    assert message is not None and "resampled in 50 of the 100 iterations 249-348" in message
+    assert "(75 resamplings in all)" in message and "clip" in message
+    assert _degeneracy_message(trace, None, 0.7, 20) is None
+    few = {"normalized_ess": np.full(n, 0.6), "resampled": np.arange(n) % 50 == 0}
+    assert _degeneracy_message(few, 0.05, 0.7, 20) is None
