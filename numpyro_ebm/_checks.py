@@ -121,3 +121,15 @@ def check_float_dtype(name: str, value: Any) -> Any:
     if dtype is None or not np.issubdtype(dtype, np.floating):
         raise ValueError(f"`{name}` must be a floating dtype such as jnp.float32, got {value!r}")
     return dtype
+
+
+def check_key(name: str, key: Any) -> None:
+    """``key`` must be a JAX PRNG key (``jax.random.key(seed)``, or a legacy uint32 key of
+    shape ``(2,)``)."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.numpy.issubdtype(dtype, jax.dtypes.prng_key):
+        return
+    if dtype is not None and np.dtype(dtype) == np.uint32 and np.shape(key)[-1:] == (2,):
+        return
+    raise TypeError(f"`{name}` must be a JAX PRNG key such as jax.random.key(0), got "
+                    f"{type(key).__name__}{'' if dtype is None else f' of dtype {dtype}'}")

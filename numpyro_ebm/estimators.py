@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from numpyro_ebm import _checks
-from numpyro_ebm.jarzynski_ula import JarzynskiState, PotentialFn, weighted_param_grad
+from numpyro_ebm.kernels.base import JarzynskiState, PotentialFn
+from numpyro_ebm.kernels.evaluation import weighted_param_grad
 
 __all__ = ["ce_grad", "ce_estimate", "ce_value_and_grad", "mean_energy"]
 

@@ -1,82 +1,11 @@
-r"""Step-size control for the Jarzynski-weighted ULA walkers.
+"""Old import path of :mod:`numpyro_ebm.step_size` (step-size control), kept so that code
+written against earlier versions keeps working."""
 
-At fixed parameters the Jarzynski increment of one move is the log Metropolis ratio of
-MALA, :math:`\Delta A^i = \log\frac{\rho(X'^i) q(X'^i \to X^i)}{\rho(X^i) q(X^i \to X'^i)}`,
-so the weighted mean of :math:`\min(1, e^{\Delta A^i})` is the acceptance rate MALA would
-have with the same step size: a natural signal for tuning :math:`h`. When the parameters
-move too, the increments share a common part :math:`c = \log\sum_i w_i e^{\Delta A^i}`
-(the log-normaliser increment), which is removed first:
-
-.. math::
-
-   \hat a = \sum_i w_i \min\big(1, e^{\Delta A^i - c}\big).
-
-The step size is adapted on :math:`\log h` by dual averaging (Nesterov 2009; Hoffman and
-Gelman 2014), through BlackJAX's ``blackjax.optimizers.dual_averaging``, so that
-:math:`\hat a` approaches ``target_acceptance``. Like an optax transformation, the
-adaptation is a pair of pure functions, ``init`` and ``update``, over a NamedTuple state.
-"""
-
-from __future__ import annotations
-
-from typing import NamedTuple
-
-import jax
-import jax.numpy as jnp
-from blackjax.optimizers.dual_averaging import DualAveragingState, dual_averaging
-from jax.scipy.special import logsumexp
-
-from numpyro_ebm import _checks
+from numpyro_ebm.step_size import (  # noqa: F401
+    StepSizeAdaptation,
+    StepSizeState,
+    acceptance_proxy,
+    step_size_adaptation,
+)
 
 __all__ = ["acceptance_proxy", "StepSizeState", "StepSizeAdaptation", "step_size_adaptation"]
-
-
-def acceptance_proxy(log_weights: jax.Array, log_weight_increments: jax.Array) -> jax.Array:
-    """:math:`\\hat a = \\sum_i w_i \\min(1, e^{\\Delta A^i - c})`, ``w = softmax(log_weights)``
-    (the weights before the move), :math:`c = \\log\\sum_i w_i e^{\\Delta A^i}`."""
-    log_w = log_weights - logsumexp(log_weights)
-    common = logsumexp(log_w + log_weight_increments)
-    ratio = jnp.minimum(0.0, log_weight_increments - common)
-    return jnp.sum(jnp.exp(log_w + ratio))
-
-
-class StepSizeState(NamedTuple):
-    """Dual-averaging state; ``step_size`` is the one to use for the next move."""
-
-    dual_averaging: DualAveragingState
-    step_size: jax.Array
-
-
-class StepSizeAdaptation(NamedTuple):
-    """``init(step_size) -> StepSizeState``; ``update(state, acceptance) -> StepSizeState``."""
-
-    init: callable
-    update: callable
-
-
-def step_size_adaptation(
-    target_acceptance: float = 0.7,
-    *,
-    t0: float = 10.0,
-    gamma: float = 0.05,
-    kappa: float = 0.75,
-    min_step_size: float = 1e-8,
-    max_step_size: float = 1e3,
-) -> StepSizeAdaptation:
-    """Dual averaging of :math:`\\log h` towards ``target_acceptance`` of the proxy
-    :func:`acceptance_proxy`. The step size in the state is the current iterate (not the
-    running average), since during training the target keeps moving."""
-    _checks.check_fraction("target_acceptance", target_acceptance, closed_right=False)
-    da_init, da_update, _ = dual_averaging(t0, gamma, kappa)
-
-    def init(step_size) -> StepSizeState:
-        _checks.check_positive("step_size", step_size)
-        step_size = jnp.asarray(step_size)
-        return StepSizeState(da_init(step_size), step_size)
-
-    def update(state: StepSizeState, acceptance: jax.Array) -> StepSizeState:
-        da = da_update(state.dual_averaging, target_acceptance - acceptance)
-        step = jnp.clip(jnp.exp(da.log_x), min_step_size, max_step_size)
-        return StepSizeState(da, step.astype(state.step_size.dtype))
-
-    return StepSizeAdaptation(init, update)

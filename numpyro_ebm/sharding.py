@@ -29,9 +29,12 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from numpyro_ebm.jarzynski_ula import JarzynskiState
+from numpyro_ebm.kernels.base import JarzynskiState
 
-__all__ = ["walker_sharding", "replicated", "shard_state", "constrain_state", "check_mesh"]
+__all__ = [
+    "walker_sharding", "replicated", "shard_state", "constrain_state", "check_mesh",
+    "place_for_training",
+]
 
 
 def check_mesh(mesh: Any, num_walkers: int) -> Mesh:
@@ -78,3 +81,18 @@ def shard_state(state: JarzynskiState, mesh: Mesh) -> JarzynskiState:
 def constrain_state(state: JarzynskiState, mesh: Mesh) -> JarzynskiState:
     """Inside ``jit``: ask XLA to keep ``state`` sharded as :func:`shard_state` places it."""
     return jax.lax.with_sharding_constraint(state, _state_shardings(state, mesh))
+
+
+def place_for_training(mesh: Mesh, data: Any, params: Any, num_walkers: int | None):
+    """``(data, params, constrain)`` for a training run on ``mesh``: parameters
+    replicated, data split when their number is a multiple of the mesh size (otherwise
+    replicated), and ``constrain(walkers)`` for inside ``jit``."""
+    if num_walkers is not None:
+        check_mesh(mesh, num_walkers)
+    elif not isinstance(mesh, Mesh):
+        raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    num_data = jax.tree.leaves(data)[0].shape[0]
+    whole = replicated(mesh)
+    params = jax.device_put(params, whole)
+    data = jax.device_put(data, walker_sharding(mesh) if num_data % mesh.size == 0 else whole)
+    return data, params, lambda state: constrain_state(state, mesh)

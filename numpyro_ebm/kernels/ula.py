@@ -1,0 +1,138 @@
+r"""Unweighted ULA walkers: the persistent contrastive divergence (PCD) kernel.
+
+The same moves as :mod:`numpyro_ebm.kernels.jarzynski_ula`,
+:math:`X' = X - h \nabla U(X) + \sqrt{2h}\,\xi`, with the weights kept equal. The walkers
+then follow the model only as far as the ULA chain has mixed (and up to ULA's
+discretisation bias), so :math:`\frac1N \sum_i \nabla_\theta U(X^i)` is a biased estimate
+of :math:`E_{\rho_\theta}[\nabla_\theta U]`: this is what the Jarzynski weights correct. Kept
+as a kernel so that PCD and Jarzynski training are one choice of kernel object.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from blackjax.base import SamplingAlgorithm
+
+from numpyro_ebm import _checks
+from numpyro_ebm.kernels.base import (
+    ArrayTree,
+    JarzynskiInfo,
+    JarzynskiState,
+    PotentialFn,
+    WalkerKernel,
+    num_walkers,
+)
+from numpyro_ebm.kernels.evaluation import keep_or_recompute, weighted_param_grad
+from numpyro_ebm.kernels.jarzynski_ula import init
+from numpyro_ebm.kernels.langevin import ula_moves
+
+__all__ = ["init", "build_kernel", "as_top_level_api", "walker_kernel"]
+
+
+def _check_args(step_size, num_steps, batch_size, noise_dtype) -> int:
+    _checks.check_positive("step_size", step_size)
+    if noise_dtype is not None:
+        _checks.check_float_dtype("noise_dtype", noise_dtype)
+    if batch_size is not None:
+        _checks.check_int_at_least("batch_size", batch_size, 1)
+    return _checks.check_int_at_least("num_steps", num_steps, 1)
+
+
+def build_kernel(
+    potential_fn: PotentialFn,
+    step_size: float,
+    num_steps: int = 1,
+    batch_size: int | None = None,
+    noise_dtype: Any = None,
+    param_grad: bool = False,
+):
+    """Build the unweighted ULA kernel: ``kernel(rng_key, state, params=None,
+    step_size=None) -> (JarzynskiState, JarzynskiInfo)`` with equal weights, ESS ``N``, no
+    resampling and a log normaliser that stays 0. Arguments as in
+    :func:`numpyro_ebm.kernels.jarzynski_ula.build_kernel`; with ``param_grad`` the walker
+    term :math:`\\frac1N \\sum_i \\nabla_\\theta U(X^i)` comes from the move's own
+    evaluation (one forward and one backward pass)."""
+    num_steps = _check_args(step_size, num_steps, batch_size, noise_dtype)
+    default_step_size = step_size
+    fused = param_grad and batch_size is None
+
+    def kernel(rng_key, state, params=None, step_size=None):
+        params = state.params if params is None else params
+        h = jnp.asarray(default_step_size if step_size is None else step_size, state.potential.dtype)
+        move_key, _ = jax.random.split(rng_key)  # the second key is the weighted kernels' resampling key
+        state, record = ula_moves(
+            move_key, state, params, potential_fn, h, num_steps, weighted=False, fused=fused,
+            batch_size=batch_size, noise_dtype=noise_dtype,
+        )
+        n = num_walkers(state)
+        weights = jnp.exp(state.log_weights)
+        walker_grad = None
+        if fused:
+            walker_grad = keep_or_recompute(
+                jax.tree.map(lambda g: g / n, record.param_sum),
+                ~jnp.any(record.last_nonfinite),
+                lambda: weighted_param_grad(potential_fn, params, state.particles, weights),
+            )
+        elif param_grad:
+            walker_grad = weighted_param_grad(potential_fn, params, state.particles, weights, batch_size)
+        info = JarzynskiInfo(
+            ess=jnp.asarray(n, state.log_weights.dtype),
+            resampled=jnp.asarray(False),
+            ancestors=jnp.arange(n, dtype=jnp.int32),
+            log_normalizer_increment=jnp.sum(record.log_normalizer_increments),
+            log_weight_increments=record.log_weight_increments,
+            num_nonfinite=jnp.sum(record.nonfinite).astype(jnp.int32),
+            param_grad=walker_grad,
+        )
+        return state, info
+
+    return kernel
+
+
+def as_top_level_api(
+    potential_fn: PotentialFn,
+    params: ArrayTree,
+    step_size: float,
+    num_steps: int = 1,
+    batch_size: int | None = None,
+    noise_dtype: Any = None,
+) -> SamplingAlgorithm:
+    """Unweighted ULA walkers as a ``blackjax.SamplingAlgorithm`` (as
+    :func:`numpyro_ebm.kernels.jarzynski_ula.as_top_level_api`, without weights)."""
+    kernel = build_kernel(potential_fn, step_size, num_steps, batch_size, noise_dtype)
+
+    def init_fn(position: ArrayTree, rng_key: jax.Array | None = None) -> JarzynskiState:
+        del rng_key
+        return init(position, params, potential_fn, batch_size)
+
+    def step_fn(rng_key, state, params=None):
+        return kernel(rng_key, state, params)
+
+    return SamplingAlgorithm(init_fn, step_fn)
+
+
+def walker_kernel(
+    step_size: float,
+    *,
+    num_steps: int = 1,
+    walker_batch_size: int | None = None,
+    noise_dtype: Any = None,
+) -> WalkerKernel:
+    """PCD walkers for the trainer: persistent, unweighted ULA chains."""
+    _check_args(step_size, num_steps, walker_batch_size, noise_dtype)
+
+    def init_fn(potential_fn, particles, params):
+        return init(particles, params, potential_fn, walker_batch_size)
+
+    def step_fn(potential_fn, rng_key, state, params, step_size):
+        kernel = build_kernel(potential_fn, default_step_size, num_steps, walker_batch_size,
+                              noise_dtype, param_grad=True)
+        return kernel(rng_key, state, params, step_size)
+
+    default_step_size = step_size
+    config = dict(step_size=step_size, num_steps=num_steps, walker_batch_size=walker_batch_size,
+                  noise_dtype=None if noise_dtype is None else str(jnp.dtype(noise_dtype)))
+    return WalkerKernel(init_fn, step_fn, None, False, step_size, "pcd", config)

@@ -1,0 +1,332 @@
+r"""Host-side callbacks of :func:`numpyro_ebm.training.loop.run`, each a small object.
+
+A callback may define ``on_start(ctx)`` (may return ``(state, trace)`` to continue from),
+``on_chunk(ctx, chunk)`` (after each jitted chunk; raising stops the run), ``on_end(ctx,
+result)`` (may return a new :class:`~numpyro_ebm.training.loop.RunResult`) and ``close()``
+(always called). ``every`` makes the loop end a chunk at each multiple of that many
+iterations, ``snapshot_every`` asks the loop for walker snapshots. Callbacks run in the
+order given.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from numpyro_ebm import _checks
+from numpyro_ebm.training.loop import ChunkResult, RunContext, RunResult
+
+__all__ = [
+    "WeightDegeneracyWarning",
+    "EnergyDivergenceWarning",
+    "NonFiniteError",
+    "ProgressBar",
+    "Snapshots",
+    "ParetoKhat",
+    "Checkpoint",
+    "NonFiniteStop",
+    "DegeneracyCheck",
+    "DivergenceCheck",
+]
+
+
+class WeightDegeneracyWarning(RuntimeWarning):
+    """Issued (once per run) when the Jarzynski weights stay degenerate."""
+
+
+class EnergyDivergenceWarning(RuntimeWarning):
+    """Issued (once per run) when the energies grow without bound."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised when training cannot go on; ``result`` holds the last good state and the
+    trace up to it (a ``RunResult`` from ``run``, a ``FitResult`` from ``fit``)."""
+
+    def __init__(self, message: str, result: Any):
+        super().__init__(message)
+        self.result = result
+
+
+class ProgressBar:
+    """A tqdm progress bar, updated per chunk with the chunk's smallest normalised ESS and
+    the last cross-entropy estimate."""
+
+    def __init__(self, desc: str | None = None):
+        self.desc, self._bar = desc, None
+
+    def on_start(self, ctx: RunContext):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=ctx.end, initial=ctx.start, unit="it",
+                         desc=self.desc or f"fit[{ctx.trainer.kernel.name}]")
+
+    def on_chunk(self, ctx: RunContext, chunk: ChunkResult):
+        self._bar.update(chunk.length)
+        if "normalized_ess" in chunk.rows:
+            postfix = {"min_ess/N": f"{float(np.min(chunk.rows['normalized_ess'])):.3f}"}
+            if "cross_entropy" in chunk.rows:
+                postfix["CE"] = f"{float(chunk.rows['cross_entropy'][-1]):.4g}"
+            self._bar.set_postfix(postfix)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+
+
+class Snapshots:
+    """Record the walkers every ``every`` iterations (at :math:`k = 0, m, 2m, \\dots`) inside
+    the jitted loop into ``trace["snapshots"]``: ``iteration``, ``particles`` and, for
+    weighted kernels, ``log_weights`` (used by the gradient at :math:`\\theta_k`) and
+    ``log_weights_before_resampling`` (after the move :math:`\\theta_k \\to \\theta_{k+1}`).
+    Host memory grows as ``num_iterations / every`` copies of the walkers."""
+
+    def __init__(self, every: int):
+        self.snapshot_every = _checks.check_int_at_least("snapshot_every", every, 1)
+
+
+class ParetoKhat:
+    """After the run, ``khat_fn(log_weights)`` (e.g.
+    :func:`numpyro_ebm.diagnostics.pareto_khat`) on each snapshot's
+    ``log_weights_before_resampling`` into ``trace["snapshots"]["pareto_k"]`` (weighted
+    kernels with :class:`Snapshots`). Place it before :class:`DegeneracyCheck`."""
+
+    def __init__(self, khat_fn: Callable[[np.ndarray], float]):
+        if not callable(khat_fn):
+            raise TypeError("`khat_fn` must be callable: khat_fn(log_weights) -> float")
+        self.khat_fn = khat_fn
+
+    def on_end(self, ctx: RunContext, result: RunResult):
+        snaps = result.trace.get("snapshots", {})
+        if "log_weights_before_resampling" in snaps:
+            snaps["pareto_k"] = np.asarray(
+                [float(self.khat_fn(lw)) for lw in snaps["log_weights_before_resampling"]]
+            )
+
+
+class Checkpoint:
+    """Orbax checkpoints of the :class:`~numpyro_ebm.training.trainer.TrainState` and the
+    trace every ``every`` iterations (default: every chunk) and at the end; the last three
+    are kept. A record of the run (kernel and its settings, walker count, shapes, key, and
+    ``metadata``) is stored beside it. ``resume=True`` continues from the latest checkpoint
+    (the result equals an uninterrupted run's); a checkpoint of another run, or an
+    unreadable one, raises ``ValueError`` and is left on disk."""
+
+    def __init__(self, directory: str | os.PathLike, every: int | None = None, resume: bool = False,
+                 metadata: dict[str, Any] | None = None):
+        if every is not None:
+            _checks.check_int_at_least("checkpoint_every", every, 1)
+        directory = os.fspath(directory)
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise NotADirectoryError(f"`checkpoint_dir` {directory!r} exists and is not a directory")
+        self.directory, self.every, self.resume = directory, every, resume
+        self.metadata = dict(metadata or {})
+        self._checkpointer = None
+
+    def on_start(self, ctx: RunContext):
+        from numpyro_ebm.checkpoint import Checkpointer, run_metadata
+
+        state = ctx.initial_state
+        kernel = ctx.trainer.kernel
+        meta = run_metadata(method=kernel.name, num_walkers=state.walkers.log_weights.shape[0],
+                            params=state.params, particles=state.walkers.particles, data=ctx.data,
+                            rng_key=ctx.rng_key, options={**kernel.config, **self.metadata})
+        self._checkpointer = Checkpointer(self.directory, meta)
+        if self.resume:
+            restored = self._checkpointer.restore(state)
+            if restored is not None and restored[0] > 0:
+                return restored[1], restored[2]
+        elif self._checkpointer.latest_iteration() is not None:
+            raise ValueError(
+                f"`checkpoint_dir` {self.directory!r} already holds checkpoints: pass "
+                "`resume=True` to continue that run, or choose another directory"
+            )
+        return None
+
+    def on_chunk(self, ctx: RunContext, chunk: ChunkResult):
+        pos = chunk.start + chunk.length
+        if self.every is None or pos % self.every == 0 or pos == ctx.end:
+            self._checkpointer.save(pos, chunk.state, ctx.trace_so_far())
+
+
+class NonFiniteStop:
+    """Stop with :class:`NonFiniteError` at the first iteration whose gradient is not
+    finite or whose move lost every walker; ``error.result`` holds the state at the start
+    of that iteration and the trace up to it. Place it before :class:`Checkpoint`."""
+
+    def on_chunk(self, ctx: RunContext, chunk: ChunkResult):
+        num_walkers = chunk.state.walkers.log_weights.shape[0]
+        bad = _first_failure(chunk.rows, num_walkers)
+        if bad is None:
+            return
+        trace = ctx.trace_so_far()
+        snaps = trace.pop("snapshots", None)
+        keep = len(trace["grad_norm"]) - chunk.length + bad
+        trace = {k: v for k, v in trace.items()}
+        trace = _truncate(trace, keep)
+        if snaps is not None:
+            trace["snapshots"] = _truncate(snaps, int(np.sum(snaps["iteration"] < chunk.start)))
+        iteration = chunk.start + bad
+        good = RunResult(chunk.replay(bad), trace if keep else {})
+        raise NonFiniteError(_failure_message(chunk.rows, bad, iteration, num_walkers), good)
+
+
+def _truncate(tree: dict[str, Any], n: int) -> dict[str, Any]:
+    import jax
+
+    return jax.tree.map(lambda leaf: leaf[:n], tree)
+
+
+class DegeneracyCheck:
+    """After a weighted run, one :class:`WeightDegeneracyWarning` when the normalised ESS
+    stays below ``ess_floor`` for ``patience`` consecutive iterations, when :math:`\\hat k`
+    stays above ``khat`` on consecutive snapshots spanning ``patience`` iterations, or when
+    the walkers were resampled in half of some ``max(5 * patience, 100)`` consecutive
+    iterations (each resampling resets the ESS). ``None`` switches a check off."""
+
+    def __init__(self, ess_floor: float | None = 0.05, khat: float | None = 0.7, patience: int = 20):
+        if ess_floor is not None:
+            _checks.check_fraction("warn_ess_floor", ess_floor)
+        if khat is not None and not math.isfinite(float(khat)):
+            raise ValueError(f"`warn_khat` must be finite, got {khat}")
+        self.ess_floor, self.khat = ess_floor, khat
+        self.patience = _checks.check_int_at_least("warn_patience", patience, 1)
+
+    def on_end(self, ctx: RunContext, result: RunResult):
+        if "normalized_ess" not in result.trace:
+            return
+        message = degeneracy_message(result.trace, self.ess_floor, self.khat, self.patience)
+        if message is not None:
+            warnings.warn(message, WeightDegeneracyWarning, stacklevel=4)
+
+
+class DivergenceCheck:
+    """After the run, one :class:`EnergyDivergenceWarning` when the largest walker energy
+    or the mean data energy exceeds ``factor`` times its size at the start (at least 1)."""
+
+    def __init__(self, factor: float = 1e4):
+        _checks.check_positive("divergence_factor", factor)
+        self.factor = float(factor)
+
+    def on_end(self, ctx: RunContext, result: RunResult):
+        message = divergence_message(result.trace, self.factor)
+        if message is not None:
+            warnings.warn(message, EnergyDivergenceWarning, stacklevel=4)
+
+
+def _first_failure(rows: dict[str, Any], num_walkers: int) -> int | None:
+    """Index of the first row whose gradient is not finite or whose move lost every
+    walker, or ``None``."""
+    bad = ~np.isfinite(rows["grad_norm"]) | (rows["num_nonfinite"] >= num_walkers)
+    if "log_normalizer" in rows:
+        bad |= ~np.isfinite(rows["log_normalizer"])
+    idx = np.flatnonzero(bad)
+    return int(idx[0]) if idx.size else None
+
+
+def _failure_message(rows: dict[str, Any], bad: int, iteration: int, num_walkers: int) -> str:
+    if not np.isfinite(rows["grad_norm"][bad]):
+        what = "the cross-entropy gradient is not finite"
+    else:
+        what = f"all {num_walkers} walkers' energies or gradients became non-finite"
+    if "log_normalizer" in rows and not np.isfinite(rows["log_normalizer"][bad]):
+        what = f"all {num_walkers} walkers lost their weight (non-finite energies)"
+    return (
+        f"training stopped at iteration {iteration}: {what}. The error's `result` holds the "
+        f"parameters and walkers at the start of iteration {iteration}. Lower the learning "
+        "rate or clip gradients (optax.clip_by_global_norm), lower `step_size`, or add a "
+        "confining term to the energy."
+    )
+
+
+def divergence_message(trace: dict[str, Any], factor: float) -> str | None:
+    """Text of the energy-divergence warning, or ``None``."""
+    findings = []
+    for name, label in (("max_abs_potential", "largest |walker energy|"),
+                        ("data_energy", "|mean data energy|")):
+        values = np.abs(np.asarray(trace[name], np.float64))
+        if values.size == 0:
+            continue
+        reference = max(1.0, float(values[0]))
+        over = np.flatnonzero(values > factor * reference)
+        if over.size:
+            findings.append(
+                f"{label} grew from {values[0]:.3g} to {values[over[0]]:.3g} by iteration "
+                f"{int(over[0])} (max {values.max():.3g})"
+            )
+    if not findings:
+        return None
+    return (
+        "energies diverge: " + "; ".join(findings) + ". The model is running away from "
+        "the data (often a too-large learning rate or an energy with no confining term). "
+        "Lower the learning rate, clip gradients (optax.clip_by_global_norm), add a "
+        "confining term such as |x|^2 / (2 sigma^2) or weight decay."
+    )
+
+
+def _first_long_run(mask: np.ndarray, min_length: int) -> tuple[int, int] | None:
+    """``(first, last)`` indices of the first run of ``True`` at least ``min_length`` long."""
+    padded = np.concatenate([[False], np.asarray(mask, bool), [False]])
+    edges = np.flatnonzero(np.diff(padded.astype(np.int8)))
+    for first, stop in zip(edges[::2], edges[1::2], strict=True):
+        if stop - first >= min_length:
+            return int(first), int(stop - 1)
+    return None
+
+
+def _resampling_rate_finding(trace, patience):
+    resampled = np.asarray(trace.get("resampled", []), np.int64)
+    window = max(5 * patience, 100)
+    if resampled.size < window:
+        return None
+    counts = np.convolve(resampled, np.ones(window, np.int64), mode="valid")
+    first = int(np.argmax(counts >= window // 2))
+    if counts[first] < window // 2:
+        return None
+    return (f"resampled in {int(counts[first])} of the {window} iterations {first}-"
+            f"{first + window - 1} ({int(resampled.sum())} resamplings in all): the "
+            "weights cannot keep up with the parameter moves")
+
+
+def degeneracy_message(
+    trace: dict[str, Any], ess_floor: float | None, khat_max: float | None, patience: int
+) -> str | None:
+    """Text of the weight-degeneracy warning, or ``None`` when the weights stayed healthy."""
+    findings = []
+    if ess_floor is not None:
+        low = trace["normalized_ess"] < ess_floor
+        found = _first_long_run(low, patience)
+        if found is not None:
+            findings.append(f"normalised ESS < {ess_floor:g} over iterations {found[0]}-{found[1]} "
+                            f"({int(low.sum())} iterations in all)")
+        rate = _resampling_rate_finding(trace, patience)
+        if rate is not None:
+            findings.append(rate)
+    snapshots = trace.get("snapshots", {})
+    if khat_max is not None and "pareto_k" in snapshots:
+        iterations = snapshots["iteration"]
+        every = int(iterations[1] - iterations[0]) if len(iterations) > 1 else patience
+        high = snapshots["pareto_k"] > khat_max
+        found = _first_long_run(high, max(1, math.ceil(patience / every)))
+        if found is not None:
+            findings.append(
+                f"Pareto k-hat > {khat_max:g} at every snapshot from iteration "
+                f"{int(iterations[found[0]])} to {int(iterations[found[1]])} "
+                f"({int(high.sum())} of {len(high)} snapshots in all)"
+            )
+    if not findings:
+        return None
+    return (
+        "Jarzynski weights degenerate: " + "; ".join(findings)
+        + ". The weighted estimates (gradient, log-normaliser, cross-entropy) are unreliable "
+        "there. Try a smaller learning rate or a gradient clip (optax.clip_by_global_norm: "
+        "the weight increments grow with the parameter step), more walkers, a smaller "
+        "`step_size`, the adaptive schedule (kernels.adaptive_jarzynski_ula), or more "
+        "frequent resampling (a higher `ess_threshold`)."
+    )
+
+

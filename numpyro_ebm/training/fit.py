@@ -1,0 +1,238 @@
+r"""``fit``: the convenience entry point, :func:`~numpyro_ebm.training.build_trainer` plus
+:func:`~numpyro_ebm.training.run` plus the default callbacks.
+
+Everything ``fit`` does is reachable piece by piece: the kernel object
+(:mod:`numpyro_ebm.kernels`), the pure step (:func:`~numpyro_ebm.training.build_trainer`),
+the loop (:func:`~numpyro_ebm.training.run`) and the callbacks
+(:mod:`numpyro_ebm.training.callbacks`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from numpyro_ebm import _checks
+from numpyro_ebm.kernels import cd, jarzynski_ula, ula
+from numpyro_ebm.kernels.base import JarzynskiState, PotentialFn, WalkerKernel
+from numpyro_ebm.step_size import StepSizeAdaptation
+from numpyro_ebm.training.callbacks import (
+    Checkpoint,
+    DegeneracyCheck,
+    DivergenceCheck,
+    NonFiniteError,
+    NonFiniteStop,
+    ProgressBar,
+    Snapshots,
+)
+from numpyro_ebm.training.loop import run
+from numpyro_ebm.training.trainer import TrainState, build_trainer
+
+__all__ = ["fit", "FitResult", "METHODS", "make_kernel"]
+
+METHODS = ("jarzynski", "pcd", "cd")
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns.
+
+    params
+        :math:`\\theta_K` after the run.
+    state
+        The final walkers (:class:`~numpyro_ebm.kernels.base.JarzynskiState`, weighted for
+        :math:`\\theta_K`; equal weights for PCD and CD).
+    trace
+        ``dict`` of NumPy arrays, iteration axis first. Row ``k`` holds, at
+        :math:`\\theta_k`: ``grad_norm``, ``data_energy`` (mean :math:`U_{\\theta_k}` over the
+        batch), ``max_abs_potential``, and for weighted kernels ``log_normalizer`` and
+        ``cross_entropy`` (with ``log_z0``); from the move :math:`\\theta_k \\to
+        \\theta_{k+1}`: ``step_size``, ``num_nonfinite`` and, weighted, ``ess``,
+        ``normalized_ess``, ``max_weight``, ``resampled`` (before resampling),
+        ``num_substeps`` (adaptive schedule), ``acceptance`` (step-size adaptation).
+        ``extra`` holds ``trace_fn(params, walkers)``; ``snapshots`` the
+        :class:`~numpyro_ebm.training.callbacks.Snapshots`.
+    opt_state
+        The optimiser state after the last update.
+    method
+        The kernel's name.
+    train_state
+        The whole :class:`~numpyro_ebm.training.trainer.TrainState`: pass it as
+        ``fit(..., init_state=)`` to continue the run in memory.
+    """
+
+    params: Any
+    state: JarzynskiState
+    trace: dict[str, Any]
+    opt_state: Any
+    method: str
+    train_state: TrainState | None = None
+
+
+def make_kernel(kernel: str | WalkerKernel, step_size: float | None) -> WalkerKernel:
+    """``kernel`` itself, or the default kernel object of the method it names."""
+    if isinstance(kernel, WalkerKernel):
+        if step_size is not None:
+            raise ValueError("`step_size` is part of the kernel object; leave `step_size` unset "
+                             "when `kernel` is a WalkerKernel")
+        return kernel
+    if kernel not in METHODS:
+        raise ValueError(f"`kernel` must be a WalkerKernel or one of {METHODS}, got {kernel!r}")
+    if step_size is None:
+        raise ValueError(f"`step_size` is needed with `kernel={kernel!r}`")
+    return {"jarzynski": jarzynski_ula, "pcd": ula, "cd": cd}[kernel].walker_kernel(step_size)
+
+
+def _validate(potential_fn, params, data, num_iterations, data_batch_size, log_z0, rng_key):
+    if not callable(potential_fn):
+        raise TypeError("`potential_fn` must be callable: potential_fn(params, x) -> scalar")
+    _checks.check_int_at_least("num_iterations", num_iterations, 1)
+    _checks.check_key("rng_key", rng_key)
+    num_data = _checks.leading_size("data", data)
+    _checks.check_finite_tree("data", data)
+    if data_batch_size is not None:
+        _checks.check_int_at_least("data_batch_size", data_batch_size, 1)
+        if data_batch_size > num_data:
+            raise ValueError(f"`data_batch_size` ({data_batch_size}) exceeds the number of data "
+                             f"points ({num_data})")
+    if log_z0 is not None and not math.isfinite(float(log_z0)):
+        raise ValueError(f"`log_z0` must be finite, got {log_z0}")
+    _checks.check_finite_tree("params", params)
+    _checks.check_scalar_potential(potential_fn, params, jax.tree.map(lambda leaf: leaf[0], data))
+    return num_data
+
+
+def _initial_particles(kernel, init_particles, num_walkers, data, num_data, init_key):
+    if num_walkers is None:
+        raise ValueError("`num_walkers` is needed unless `init_state` is given")
+    _checks.check_int_at_least("num_walkers", num_walkers, 2)
+    if init_particles is None:
+        if kernel.restart is not None:  # CD: data points
+            idx = jax.random.randint(init_key, (num_walkers,), 0, num_data)
+            init_particles = jax.tree.map(lambda leaf: leaf[idx], data)
+        else:
+            init_particles = jax.tree.map(
+                lambda leaf: jax.random.normal(init_key, (num_walkers, *leaf.shape[1:]), leaf.dtype),
+                data,
+            )
+    elif callable(init_particles):
+        init_particles = init_particles(init_key, num_walkers)
+    n_init = _checks.leading_size("init_particles", init_particles)
+    if n_init != num_walkers:
+        raise ValueError(f"`init_particles` holds {n_init} walkers but `num_walkers` is {num_walkers}")
+    _checks.check_same_event_shape("init_particles", init_particles, "data", data)
+    return init_particles
+
+
+def _default_callbacks(callbacks, progress):
+    callbacks = list(callbacks or ())
+    have = lambda cls: any(isinstance(cb, cls) for cb in callbacks)  # noqa: E731
+    head = [] if have(NonFiniteStop) else [NonFiniteStop()]
+    tail = [ProgressBar()] if progress and not have(ProgressBar) else []
+    tail += [] if have(DivergenceCheck) else [DivergenceCheck()]
+    tail += [] if have(DegeneracyCheck) else [DegeneracyCheck()]
+    return head + callbacks + tail
+
+
+def fit(
+    potential_fn: PotentialFn,
+    params: Any,
+    data: Any,
+    *,
+    optimizer: optax.GradientTransformation,
+    num_iterations: int,
+    rng_key: jax.Array,
+    kernel: str | WalkerKernel = "jarzynski",
+    step_size: float | None = None,
+    num_walkers: int | None = None,
+    init_particles: Any = None,
+    init_state: TrainState | None = None,
+    data_batch_size: int | None = None,
+    log_z0: float | None = None,
+    trace_fn: Callable[[Any, JarzynskiState], Any] | None = None,
+    step_size_adaptation: StepSizeAdaptation | None = None,
+    callbacks: Any = None,
+    progress: bool = False,
+    chunk_size: int | None = None,
+    mesh: Any = None,
+) -> FitResult:
+    """Train ``potential_fn`` (the energy :math:`U_\\theta(x)` of ONE sample) on ``data``
+    (sample axis first) by its cross-entropy.
+
+    ``kernel``: ``"jarzynski"`` (weighted walkers, the paper's method), ``"pcd"``,
+    ``"cd"`` (these three need ``step_size``, the ULA :math:`h`), or a kernel object from
+    :mod:`numpyro_ebm.kernels` (``jarzynski_ula.walker_kernel(h, ess_threshold=...,
+    num_steps=..., walker_batch_size=..., noise_dtype=...)``,
+    ``adaptive_jarzynski_ula.walker_kernel(h, target_ess=...)``, ``ula.walker_kernel(h)``,
+    ``cd.walker_kernel(h, restart_every=...)``). ``num_walkers`` :math:`N \\ge 2` walkers
+    start at ``init_particles`` (an array, or ``(rng_key, N) -> particles``); for Jarzynski
+    they must be draws from the initial model :math:`\\rho_{\\theta_0}` (the weights start
+    equal); default: standard normal draws (data points for CD). ``init_state`` (a
+    ``FitResult.train_state``) continues a run instead: with the same ``rng_key`` the
+    result equals one longer run. ``data_batch_size``: minibatches by epoch
+    (:func:`~numpyro_ebm.training.run`); ``None``: the whole data set. ``log_z0``
+    (:math:`\\log Z_{\\theta_0}`) adds the cross-entropy estimate to the trace.
+    ``trace_fn(params, walkers)`` is recorded in ``trace["extra"]``. ``step_size_adaptation``
+    (:func:`numpyro_ebm.step_size.step_size_adaptation`) tunes :math:`h` (weighted kernels).
+    ``callbacks`` (:mod:`numpyro_ebm.training.callbacks`: ``Snapshots``, ``ParetoKhat``,
+    ``Checkpoint``, ...) run between chunks of ``chunk_size`` iterations; ``NonFiniteStop``,
+    ``DivergenceCheck`` and ``DegeneracyCheck`` are added unless given, and ``progress=True``
+    adds a ``ProgressBar``. ``mesh`` (a :class:`jax.sharding.Mesh`) splits the walkers over
+    its devices (:mod:`numpyro_ebm.sharding`).
+
+    ``rng_key`` is split into an initialisation key and a loop key; iteration ``k`` uses
+    ``fold_in(loop_key, k)``, so results depend neither on ``chunk_size`` nor on a resume.
+
+    Raises :class:`~numpyro_ebm.training.callbacks.NonFiniteError` when every walker or the
+    gradient became non-finite; ``error.result`` is the :class:`FitResult` at the start of
+    the failing iteration.
+    """
+    if not isinstance(step_size_adaptation, StepSizeAdaptation | None):
+        raise TypeError("`step_size_adaptation` must come from numpyro_ebm.step_size.step_size_adaptation")
+    num_data = _validate(potential_fn, params, data, num_iterations, data_batch_size, log_z0, rng_key)
+    kernel = make_kernel(kernel, step_size)
+    init_key, loop_key = jax.random.split(rng_key)
+    data = jax.tree.map(jnp.asarray, data)
+    constrain = None
+    if mesh is not None:
+        from numpyro_ebm import sharding
+
+        data, params, constrain = sharding.place_for_training(mesh, data, params, num_walkers)
+    trainer = build_trainer(potential_fn, optimizer, kernel, log_z0=log_z0,
+                            step_size_adaptation=step_size_adaptation, trace_fn=trace_fn,
+                            constrain_walkers=constrain)
+    if init_state is None:
+        particles = _initial_particles(kernel, init_particles, num_walkers, data, num_data, init_key)
+        if mesh is not None:
+            particles = jax.device_put(particles, sharding.walker_sharding(mesh))
+        init_state = trainer.init(params, particles)
+    elif not isinstance(init_state, TrainState):
+        raise TypeError(f"`init_state` must be a TrainState (FitResult.train_state), got "
+                        f"{type(init_state).__name__}")
+    callbacks = _default_callbacks(callbacks, progress)
+    _record_settings(callbacks, data_batch_size=data_batch_size, log_z0=log_z0,
+                     trace_fn=trace_fn is not None, step_size_adaptation=step_size_adaptation is not None)
+    try:
+        result = run(loop_key, trainer, init_state, num_iterations, data=data,
+                     data_batch_size=data_batch_size, chunk_size=chunk_size, callbacks=callbacks)
+    except NonFiniteError as err:
+        raise NonFiniteError(str(err), _fit_result(err.result, kernel)) from None
+    return _fit_result(result, kernel)
+
+
+def _record_settings(callbacks, **settings):
+    """Add the settings that change the result to checkpoint records (compared on resume)."""
+    snapshot_every = next((cb.snapshot_every for cb in callbacks if isinstance(cb, Snapshots)), None)
+    for cb in callbacks:
+        if isinstance(cb, Checkpoint):
+            cb.metadata = {**settings, "snapshot_every": snapshot_every, **cb.metadata}
+
+
+def _fit_result(result, kernel) -> FitResult:
+    s = result.state
+    return FitResult(params=s.params, state=s.walkers, trace=result.trace, opt_state=s.opt_state,
+                     method=kernel.name, train_state=s)
