@@ -60,7 +60,7 @@ def main() -> None:
         t0 = time.perf_counter()
         result = fit(
             gmm.mixture_potential, params0, data, optimizer=gmm.optimizer(config),
-            method=method, num_walkers=config.num_walkers, step_size=config.step_size,
+            kernel=method, num_walkers=config.num_walkers, step_size=config.step_size,
             num_iterations=iterations, rng_key=key, init_particles=walkers0,
             chunk_size=iterations,
         )

@@ -104,7 +104,8 @@ def worker(case: dict) -> dict:
     import optax
     from jax.sharding import Mesh
 
-    from numpyro_ebm import fit
+    from numpyro_ebm import fit, kernels
+    from numpyro_ebm.training import callbacks
 
     key = jax.random.key(0)
     if case["energy"] == "gmm":
@@ -135,11 +136,13 @@ def worker(case: dict) -> dict:
     def timed(method: str, iterations: int) -> float:
         t0 = time.perf_counter()
         result = fit(
-            potential_fn, params0, data, optimizer=optimizer, method=method,
-            num_walkers=case["num_walkers"], step_size=step_size, num_iterations=iterations,
+            potential_fn, params0, data, optimizer=optimizer,
+            kernel=kernels.for_method(method, step_size, noise_dtype=noise_dtype,
+                                      walker_batch_size=case["walker_batch_size"]),
+            num_walkers=case["num_walkers"], num_iterations=iterations,
             rng_key=key, init_particles=walkers0, chunk_size=iterations, mesh=mesh,
-            noise_dtype=noise_dtype, walker_batch_size=case["walker_batch_size"],
-            warn_ess_floor=None, divergence_factor=None,
+            callbacks=[callbacks.DegeneracyCheck(ess_floor=None, khat=None),
+                       callbacks.DivergenceCheck(1e300)],
         )
         jax.block_until_ready(result.state.particles)
         return time.perf_counter() - t0

@@ -56,7 +56,9 @@ from numpyro_ebm.experiments.gmm import (  # noqa: E402
     sample_mixture,
     teacher_params,
 )
-from numpyro_ebm.jarzynski_ula import _build_kernel, init  # noqa: E402
+from numpyro_ebm.kernels import jarzynski_ula  # noqa: E402
+from numpyro_ebm.kernels.jarzynski_ula import build_kernel, init  # noqa: E402
+from numpyro_ebm.training.callbacks import ParetoKhat, Snapshots  # noqa: E402
 
 
 def replica_fit(params, data, walkers, *, config, rng_key, log_z0, record, chunk=250):
@@ -64,9 +66,8 @@ def replica_fit(params, data, walkers, *, config, rng_key, log_z0, record, chunk
     _, loop_key = jax.random.split(rng_key)
     optimizer = optax.sgd(config.learning_rate)
     state = init(walkers, params, mixture_potential)
-    kernel = _build_kernel(
+    kernel = build_kernel(
         mixture_potential, config.step_size, resampling.systematic, config.ess_threshold, 1,
-        reweight=True,
     )
 
     def body(carry, iteration):
@@ -124,12 +125,12 @@ def main():
     walkers0 = sample_mixture(walker_key, params0, config.num_walkers)
     log_z0 = float(mixture_log_normalizer(params0))
 
-    def run_fit(**extra):
+    def run_fit(callbacks=()):
         result = fit(
             mixture_potential, params0, data, optimizer=optax.sgd(config.learning_rate),
-            num_walkers=config.num_walkers, step_size=config.step_size,
-            num_iterations=config.num_iterations, rng_key=fit_key, init_particles=walkers0,
-            log_z0=log_z0, ess_threshold=config.ess_threshold, **extra,
+            kernel=jarzynski_ula.walker_kernel(config.step_size, ess_threshold=config.ess_threshold),
+            num_walkers=config.num_walkers, num_iterations=config.num_iterations, rng_key=fit_key,
+            init_particles=walkers0, log_z0=log_z0, callbacks=list(callbacks),
         )
         return jax.block_until_ready(result.params)
 
@@ -143,7 +144,7 @@ def main():
         "no trace": lambda: run_replica(False),
         "core trace": lambda: run_replica(True),
         "fit": run_fit,
-        "fit + snapshots": lambda: run_fit(snapshot_every=50, khat_fn=pareto_khat),
+        "fit + snapshots": lambda: run_fit([Snapshots(50), ParetoKhat(pareto_khat)]),
     }
     print(f"GMM d={config.dim}, {config.num_walkers} walkers, {config.num_data} data, "
           f"{config.num_iterations} iterations, float64; backend {jax.default_backend()}, "

@@ -67,7 +67,7 @@ def main(argv=None):
     result = fit(
         energy, {"a": jnp.zeros(len(CENTRES))}, data, optimizer=optax.sgd(0.1),
         num_walkers=n_walkers, step_size=0.02, num_iterations=n_iter, rng_key=k_fit,
-        batch_size=min(500, n_data), log_z0=math.log(2 * math.pi),
+        data_batch_size=min(500, n_data), log_z0=math.log(2 * math.pi),
     )
     prior = energy_based_from_fit(energy, result, math.log(2 * math.pi))
     y = jnp.array([[0.9, 1.4], [1.5, 0.4], [0.4, 0.9]])

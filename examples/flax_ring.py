@@ -122,9 +122,9 @@ def main(argv=None):
     for method in METHODS:
         t0 = time.time()
         res = fit(
-            potential_fn, params, data, optimizer=optimizer, method=method,
+            potential_fn, params, data, optimizer=optimizer, kernel=method,
             num_walkers=N_WALKERS, step_size=STEP_SIZE, num_iterations=N_ITER,
-            rng_key=jax.random.fold_in(key, 2), batch_size=min(BATCH_SIZE, N_DATA),
+            rng_key=jax.random.fold_in(key, 2), data_batch_size=min(BATCH_SIZE, N_DATA),
             init_particles=lambda k, n: BASE_STD * jax.random.normal(k, (n, 2)),
             log_z0=log_z0 if method == "jarzynski" else None, trace_fn=walker_masses_fn,
         )

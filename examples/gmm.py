@@ -71,7 +71,7 @@ def main():
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, color in (("jarzynski", "C0"), ("pcd", "C1")):
         result = numpyro_ebm.fit(
-            energy, params0, data, optimizer=optimizer, method=method, num_walkers=n,
+            energy, params0, data, optimizer=optimizer, kernel=method, num_walkers=n,
             step_size=0.1, num_iterations=iterations, rng_key=key_fit,
             init_particles=walkers0, log_z0=float(log_normalizer(params0)),
             trace_fn=lambda p, s: jax.nn.softmax(p["logits"])[0],

@@ -79,7 +79,7 @@ def main(argv=None):
     log_z0 = 0.5 * math.log(2 * math.pi * float(theta0["scale"]) ** 2)
     result = fit(
         potential_fn, params, data, optimizer=optax.sgd(0.05), num_walkers=n_walkers,
-        step_size=0.02, num_iterations=n_iter, rng_key=k_fit, batch_size=min(500, n_data),
+        step_size=0.02, num_iterations=n_iter, rng_key=k_fit, data_batch_size=min(500, n_data),
         init_particles=initial_walkers, log_z0=log_z0,
         trace_fn=lambda p, s: potential_fn.constrain(p)["scale"],
     )

@@ -7,13 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from reference.make_fit_reference import COMMON, flatten, problem, u
 
 from numpyro_ebm import fit
 from numpyro_ebm.kernels import adaptive_jarzynski_ula, cd, jarzynski_ula, ula
 from numpyro_ebm.step_size import step_size_adaptation
 from numpyro_ebm.training import callbacks as cbs
-
-from reference.make_fit_reference import COMMON, flatten, problem, u
 
 REFERENCE = np.load(__file__.replace("test_fit_reference.py", "reference/fit_reference.npz"))
 H = COMMON["step_size"]

@@ -43,9 +43,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from numpyro_ebm import kernels
 from numpyro_ebm.datasets import DigitSubset, load_digits, load_mnist
 from numpyro_ebm.potentials import from_flax
-from numpyro_ebm.train import FitResult, fit
+from numpyro_ebm.training.callbacks import Snapshots
+from numpyro_ebm.training.fit import FitResult, fit
 
 __all__ = [
     "DigitsConfig",
@@ -333,17 +335,17 @@ def run(
         "potential_fn": potential_fn,
     }
     for method in config.methods:
-        schedule = {}
-        if method == "jarzynski" and config.schedule == "adaptive":  # needs the weights
-            schedule = dict(schedule="adaptive", target_ess=config.target_ess, max_substeps=config.max_substeps)
+        kernel = kernels.for_method(
+            method, config.step_size, ess_threshold=config.ess_threshold, num_steps=config.num_steps,
+            schedule=config.schedule, target_ess=config.target_ess, max_substeps=config.max_substeps,
+        )
         t0 = time.perf_counter()
         result: FitResult = fit(
-            potential_fn, params0, train_images, optimizer=optimizer, method=method,
-            num_walkers=config.num_walkers, step_size=config.step_size,
-            num_iterations=config.num_iterations, rng_key=fit_key, init_particles=init_particles,
-            batch_size=batch_size, log_z0=base["log_z0"] if method == "jarzynski" else None,
-            ess_threshold=config.ess_threshold, snapshot_every=snapshot_every, progress=progress,
-            num_steps=config.num_steps, **schedule,
+            potential_fn, params0, train_images, optimizer=optimizer, kernel=kernel,
+            num_walkers=config.num_walkers, num_iterations=config.num_iterations, rng_key=fit_key,
+            init_particles=init_particles, data_batch_size=batch_size,
+            log_z0=base["log_z0"] if method == "jarzynski" else None,
+            callbacks=[Snapshots(snapshot_every)], progress=progress,
         )
         jax.block_until_ready(result.params)
         wall = time.perf_counter() - t0

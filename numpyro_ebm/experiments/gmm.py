@@ -32,7 +32,9 @@ import numpy as np
 import optax
 from jax.scipy.special import logsumexp
 
-from numpyro_ebm.train import METHODS, FitResult, fit
+from numpyro_ebm import kernels
+from numpyro_ebm.training.callbacks import ParetoKhat, Snapshots
+from numpyro_ebm.training.fit import METHODS, FitResult, fit
 
 __all__ = [
     "GMMConfig",
@@ -189,19 +191,16 @@ def _run(config: GMMConfig, progress: bool) -> dict[str, Any]:
             params0,
             data,
             optimizer=optimizer(config),
-            method=method,
+            kernel=kernels.for_method(method, config.step_size, ess_threshold=config.ess_threshold,
+                                      restart_every=config.cd_restart_every),
             num_walkers=config.num_walkers,
-            step_size=config.step_size,
             num_iterations=config.num_iterations,
             rng_key=fit_key,
             init_particles=walkers0,
-            log_z0=log_z0,
-            ess_threshold=config.ess_threshold,
-            cd_restart_every=config.cd_restart_every,
+            log_z0=log_z0 if method == "jarzynski" else None,
             trace_fn=trace_fn,
             progress=progress,
-            snapshot_every=max(1, config.num_iterations // 8),
-            khat_fn=pareto_khat,
+            callbacks=[Snapshots(max(1, config.num_iterations // 8)), ParetoKhat(pareto_khat)],
         )
         jax.block_until_ready(result.params)
         wall = time.perf_counter() - t0

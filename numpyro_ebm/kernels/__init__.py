@@ -27,4 +27,38 @@ __all__ = [
     "JarzynskiInfo",
     "JarzynskiState",
     "WalkerKernel",
+    "for_method",
 ]
+
+
+def for_method(
+    method: str,
+    step_size: float,
+    *,
+    ess_threshold: float = 0.5,
+    num_steps: int = 1,
+    schedule: str = "fixed",
+    target_ess: float = 0.5,
+    max_substeps: int = 10,
+    restart_every: int = 1,
+    walker_batch_size: int | None = None,
+    noise_dtype=None,
+) -> WalkerKernel:
+    """The kernel object of a method named by a string, with the settings that apply to it
+    (the experiments' and the command line's way of choosing one): ``"jarzynski"``
+    (``schedule="adaptive"`` for ESS-controlled sub-steps), ``"pcd"`` or ``"cd"``; the
+    settings that do not apply to the method are ignored."""
+    shared = dict(num_steps=num_steps, walker_batch_size=walker_batch_size, noise_dtype=noise_dtype)
+    if method == "jarzynski":
+        if schedule not in ("fixed", "adaptive"):
+            raise ValueError(f"`schedule` must be 'fixed' or 'adaptive', got {schedule!r}")
+        if schedule == "adaptive":
+            return adaptive_jarzynski_ula.walker_kernel(
+                step_size, target_ess=target_ess, max_substeps=max_substeps,
+                ess_threshold=ess_threshold, **shared)
+        return jarzynski_ula.walker_kernel(step_size, ess_threshold=ess_threshold, **shared)
+    if method == "pcd":
+        return ula.walker_kernel(step_size, **shared)
+    if method == "cd":
+        return cd.walker_kernel(step_size, restart_every=restart_every, **shared)
+    raise ValueError(f"`method` must be one of ('jarzynski', 'pcd', 'cd'), got {method!r}")

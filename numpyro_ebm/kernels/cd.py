@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from blackjax.base import SamplingAlgorithm
 
 from numpyro_ebm import _checks
