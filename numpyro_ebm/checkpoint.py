@@ -56,7 +56,9 @@ class Checkpointer:
     """Save and restore the state of one ``fit`` run in ``directory``."""
 
     def __init__(self, directory: str | os.PathLike, metadata: dict[str, Any], max_to_keep: int = 3):
-        import orbax.checkpoint as ocp
+        from numpyro_ebm._optional import require
+
+        ocp = require("orbax.checkpoint", "Checkpointing")
 
         self._ocp = ocp
         self.directory = os.path.abspath(os.fspath(directory))

@@ -7,12 +7,20 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).parent.parent / "numpyro_ebm"
-CORE = ["jarzynski_ula", "estimators", "train", "sharding", "schedule", "normalizer", "checkpoint", "_checks"]
+CORE = sorted(
+    ["jarzynski_ula", "estimators", "train", "sharding", "schedule", "step_size", "normalizer",
+     "checkpoint", "_checks", "_optional"]
+    + [f"{pkg}/{p.stem}" for pkg in ("kernels", "training") for p in (PACKAGE / pkg).glob("*.py")]
+)
 OUTSIDE = {
     "numpyro_ebm.potentials", "numpyro_ebm.distributions", "numpyro_ebm.diagnostics",
     "numpyro_ebm.datasets", "numpyro_ebm.experiments", "numpyro_ebm.cli",
     "arviz", "arviz_base", "arviz_stats", "arviz_plots", "matplotlib", "flax", "sklearn",
 }
+
+
+def test_core_packages_are_listed():
+    assert "kernels/jarzynski_ula" in CORE and "training/trainer" in CORE
 
 
 def imported_modules(path):

@@ -60,7 +60,9 @@ class ProgressBar:
         self.desc, self._bar = desc, None
 
     def on_start(self, ctx: RunContext):
-        from tqdm.auto import tqdm
+        from numpyro_ebm._optional import require
+
+        tqdm = require("tqdm.auto", "The progress bar").tqdm
 
         self._bar = tqdm(total=ctx.end, initial=ctx.start, unit="it",
                          desc=self.desc or f"fit[{ctx.trainer.kernel.name}]")
