@@ -103,7 +103,16 @@ def check_scalar_potential(potential_fn: Any, params: Any, sample: Any) -> None:
     """``potential_fn(params, x)`` must return one real scalar for one sample ``x``."""
     if not callable(potential_fn):
         raise TypeError(f"`potential_fn` must be callable, got {type(potential_fn).__name__}")
-    out = jax.eval_shape(potential_fn, params, sample)
+    try:
+        out = jax.eval_shape(potential_fn, params, sample)
+    except (IndexError, TypeError, ValueError) as err:
+        shapes = [np.shape(leaf) for leaf in jax.tree.leaves(sample)]
+        raise ValueError(
+            "`potential_fn(params, x)` failed on ONE sample x of shape "
+            f"{shapes[0] if len(shapes) == 1 else shapes} ({type(err).__name__}: {err}). It must "
+            "compute the energy of a single sample (the library vmaps it over walkers and data); "
+            "an energy written for a batch (x[:, ...], axis=1) fails here."
+        ) from err
     if not hasattr(out, "shape") or out.shape != ():
         shape = getattr(out, "shape", type(out).__name__)
         raise ValueError(
@@ -133,3 +142,18 @@ def check_key(name: str, key: Any) -> None:
         return
     raise TypeError(f"`{name}` must be a JAX PRNG key such as jax.random.key(0), got "
                     f"{type(key).__name__}{'' if dtype is None else f' of dtype {dtype}'}")
+
+
+def check_same_float_dtype(potential_fn: Any, params: Any, name: str, samples: Any) -> None:
+    """The floating leaves of ``samples`` must have the dtype of the energy
+    ``potential_fn(params, x)``: otherwise a ULA move would change the walkers' dtype."""
+    sample = jax.tree.map(lambda leaf: leaf[0], samples)
+    energy_dtype = jax.eval_shape(potential_fn, params, sample).dtype
+    for leaf in jax.tree.leaves(samples):
+        dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+        if np.issubdtype(dtype, np.floating) and dtype != energy_dtype:
+            raise TypeError(
+                f"`{name}` is {dtype} but the energy is {energy_dtype} (the params' dtype): cast "
+                f"one of them so that both are {energy_dtype} or both {dtype} (`fit` casts the "
+                "data and walkers to the energy's dtype)"
+            )

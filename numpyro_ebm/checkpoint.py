@@ -22,7 +22,7 @@ import numpy as np
 
 __all__ = ["Checkpointer", "run_metadata"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the TrainState of numpyro_ebm.training
 
 
 def _shapes(tree: Any) -> list[list]:
@@ -67,6 +67,11 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         )
+
+    def close(self) -> None:
+        """Wait for pending writes and stop Orbax's background threads."""
+        self._manager.wait_until_finished()
+        self._manager.close()
 
     def latest_iteration(self) -> int | None:
         return self._manager.latest_step()

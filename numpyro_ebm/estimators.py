@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from numpyro_ebm import _checks
 from numpyro_ebm.kernels.base import JarzynskiState, PotentialFn
@@ -54,7 +55,7 @@ def ce_value_and_grad(
     if walker_grad is None:
         weights = jax.nn.softmax(state.log_weights)
         walker_grad = weighted_param_grad(potential_fn, params, state.particles, weights)
-    return data_energy, jax.tree.map(jnp.subtract, data_grad, walker_grad)
+    return data_energy, optax.tree.sub(data_grad, walker_grad)
 
 
 def _check_inputs(data: Any, state: JarzynskiState) -> None:
@@ -93,4 +94,9 @@ def ce_estimate(
     _check_inputs(data, state)
     if _checks.is_concrete(log_z0) and not bool(jnp.isfinite(jnp.asarray(log_z0))):
         raise ValueError(f"`log_z0` must be finite, got {log_z0}")
+    if _checks.is_concrete(state.log_normalizer) and not bool(jnp.isfinite(state.log_normalizer)):
+        raise ValueError(
+            "`state.log_normalizer` is not finite: these walkers carry no estimate of "
+            "log Z_theta / Z_theta0 (unweighted PCD/CD walkers, or every weight was lost)"
+        )
     return mean_energy(potential_fn, params, data) + log_z0 + state.log_normalizer

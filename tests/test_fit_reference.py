@@ -54,10 +54,17 @@ def run_new(name, **overrides):
     return fit(u, params, data, **opts)
 
 
+# trace entries added since the reference was recorded
+NEW_KEYS = {"trace['substep_target_missed']"}
+
+
 def assert_matches_reference(name, result):
     got = flatten(result)
     want = {k.split("|", 1)[1]: REFERENCE[k] for k in REFERENCE.files if k.startswith(name + "|")}
-    assert set(got) == set(want), set(got) ^ set(want)
+    assert set(got) - NEW_KEYS == set(want), set(got) ^ set(want)
+    if name in ("pcd", "cd"):  # unweighted walkers now say they carry no log-Z estimate
+        assert np.isnan(got.pop("state.log_normalizer"))
+        want.pop("state.log_normalizer")
     for key, value in want.items():
         np.testing.assert_array_equal(got[key], value, err_msg=f"{name}: {key}")
 

@@ -13,8 +13,9 @@ Shared pieces: :mod:`~numpyro_ebm.kernels.base` (state, info, weight update, res
 :mod:`~numpyro_ebm.kernels.langevin` (ULA moves).
 """
 
-from numpyro_ebm.kernels import adaptive_jarzynski_ula, base, cd, evaluation, jarzynski_ula, langevin, ula
+from numpyro_ebm.kernels import adaptive_jarzynski_ula, base, cd, evaluation, jarzynski_ula, langevin, summary, ula
 from numpyro_ebm.kernels.base import JarzynskiInfo, JarzynskiState, WalkerKernel
+from numpyro_ebm.kernels.summary import summarize_infos
 
 __all__ = [
     "adaptive_jarzynski_ula",
@@ -28,6 +29,8 @@ __all__ = [
     "JarzynskiState",
     "WalkerKernel",
     "for_method",
+    "summary",
+    "summarize_infos",
 ]
 
 

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from blackjax.smc import resampling
 from blackjax.smc.solver import dichotomy
 from jax.scipy.special import logsumexp
@@ -47,6 +48,7 @@ from numpyro_ebm.kernels.base import (
     apply_move,
     per_walker_dot,
     resample_if_degenerate,
+    resolve_step_size,
     ula_transition_energy,
 )
 from numpyro_ebm.kernels.evaluation import potential_and_grad, weighted_param_grad
@@ -91,6 +93,10 @@ class AdaptiveJarzynskiInfo(NamedTuple):
         Normalised log weights the last sub-step started from.
     num_nonfinite
         Largest number of walkers with a non-finite evaluation in one sub-step.
+    target_missed
+        True when some sub-step's realised conditional ESS stayed below ``target_ess``
+        (the backtracks or the ``max_substeps`` ran out, or the ULA move alone broke it):
+        the weights are still exact, but the step was larger than the schedule allows.
     param_grad
         With ``param_grad=True``: :math:`\\sum_i w_i \\nabla_\\theta U_{\\theta_{k+1}}(X^i)`
         at the returned state; otherwise ``None``.
@@ -109,6 +115,7 @@ class AdaptiveJarzynskiInfo(NamedTuple):
     log_weights_before_resampling: jax.Array
     log_weights_before_last_substep: jax.Array
     num_nonfinite: jax.Array
+    target_missed: jax.Array
     param_grad: ArrayTree = None
 
 
@@ -180,7 +187,7 @@ def _predicted_fraction(cfg, st, x_new, u_target, g_target, forward, h, count):
     """Steps 3-4: the largest fraction of the remaining path whose first-order predicted
     conditional ESS stays at target (the whole rest on the last allowed sub-step)."""
     dtype = st.log_weights.dtype
-    diff = jax.tree.map(jnp.subtract, x_new, st.particles)
+    diff = optax.tree.sub(x_new, st.particles)
     u_here = st.potential + per_walker_dot(st.grad, diff)  # theta(lam_j) at x_new, first order
 
     def excess(f):  # > 0 while the conditional ESS stays above target
@@ -337,7 +344,7 @@ def build_kernel(
     def kernel(rng_key, state, params=None, step_size=None):
         start = state.params
         target = start if params is None else params
-        h = jnp.asarray(default_step_size if step_size is None else step_size, state.log_weights.dtype)
+        h = resolve_step_size(default_step_size, step_size, state.log_weights.dtype)
         c = jax.lax.while_loop(
             lambda c: jnp.logical_and(c.lam < 1.0, c.count < max_substeps),
             lambda c: _advance(cfg, start, target, h, c),
@@ -356,7 +363,8 @@ def build_kernel(
             num_resampled=c.num_resampled, num_evaluations=c.num_evaluations,
             log_weights_before_resampling=c.log_weights_before_resampling,
             log_weights_before_last_substep=c.log_weights_before_last_substep,
-            num_nonfinite=c.num_nonfinite, param_grad=walker_grad,
+            num_nonfinite=c.num_nonfinite,
+            target_missed=c.min_conditional_ess < target_ess, param_grad=walker_grad,
         )
         return c.state, info
 

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from blackjax.smc.ess import log_ess
 from jax.scipy.special import logsumexp
 
@@ -148,6 +149,17 @@ def num_walkers(state: JarzynskiState) -> int:
     return state.log_weights.shape[0]
 
 
+def resolve_step_size(default: Any, override: Any, dtype: Any) -> jax.Array:
+    """The step size of one kernel call: ``override`` when given (checked to be a finite
+    number > 0 when it is concrete; a traced one is the caller's responsibility), else
+    ``default``; as an array of ``dtype``."""
+    if override is not None:
+        from numpyro_ebm import _checks
+
+        _checks.check_positive("step_size", override)
+    return jnp.asarray(default if override is None else override, dtype)
+
+
 def uniform_log_weights(n: int, dtype: Any) -> jax.Array:
     return jnp.full((n,), -jnp.log(jnp.asarray(n, dtype)), dtype)
 
@@ -193,7 +205,7 @@ def ula_transition_energy(
     """:math:`a(x, y) = U(x) + \\tfrac12 (y - x)\\cdot\\nabla U(x) + \\tfrac h4 |\\nabla U(x)|^2`
     (the paper's :math:`\\alpha`): :math:`-\\log[e^{-U(x)} q(x \\to y)]` for the ULA kernel
     :math:`q`, less the term :math:`|y - x|^2/4h` that cancels between directions."""
-    diff = jax.tree.map(jnp.subtract, y, x)
+    diff = optax.tree.sub(y, x)
     return potential + 0.5 * per_walker_dot(diff, grad) + 0.25 * step_size * per_walker_dot(
         grad, grad
     )

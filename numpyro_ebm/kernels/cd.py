@@ -17,7 +17,7 @@ from blackjax.base import SamplingAlgorithm
 from numpyro_ebm import _checks
 from numpyro_ebm.kernels import ula
 from numpyro_ebm.kernels.base import ArrayTree, JarzynskiState, PotentialFn, WalkerKernel
-from numpyro_ebm.kernels.jarzynski_ula import init
+from numpyro_ebm.kernels.ula import init
 
 __all__ = ["init", "restart_from_data", "build_kernel", "as_top_level_api", "walker_kernel"]
 

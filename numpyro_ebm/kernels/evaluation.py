@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from numpyro_ebm.kernels.base import ArrayTree, PotentialFn, all_finite
 
@@ -71,12 +72,12 @@ def weighted_param_grad(
     (full_x, full_c), (rest_x, rest_c) = _split_chunks((particles, weights), batch_size)
 
     def add_chunk(total, chunk):
-        return jax.tree.map(jnp.add, total, grad(params, *chunk)), None
+        return optax.tree.add(total, grad(params, *chunk)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = optax.tree.zeros_like(params)
     total, _ = jax.lax.scan(add_chunk, zeros, (full_x, full_c))
     if rest_c.shape[0]:
-        total = jax.tree.map(jnp.add, total, grad(params, rest_x, rest_c))
+        total = optax.tree.add(total, grad(params, rest_x, rest_c))
     return total
 
 

@@ -51,6 +51,7 @@ from numpyro_ebm.kernels.base import (
     WalkerKernel,
     num_walkers,
     resample_if_degenerate,
+    resolve_step_size,
     uniform_log_weights,
 )
 from numpyro_ebm.kernels.evaluation import keep_or_recompute, potential_and_grad, weighted_param_grad
@@ -76,6 +77,7 @@ def init(
     _checks.check_scalar_potential(
         potential_fn, params, jax.tree.map(lambda leaf: leaf[0], particles)
     )
+    _checks.check_same_float_dtype(potential_fn, params, "particles", particles)
     if batch_size is not None:
         _checks.check_int_at_least("batch_size", batch_size, 1)
     potential, grad = potential_and_grad(potential_fn, params, particles, batch_size)
@@ -175,7 +177,7 @@ def build_kernel(
 
     def kernel(rng_key, state, params=None, step_size=None):
         params = state.params if params is None else params
-        h = jnp.asarray(default_step_size if step_size is None else step_size, state.potential.dtype)
+        h = resolve_step_size(default_step_size, step_size, state.potential.dtype)
         move_key, resample_key = jax.random.split(rng_key)
         state, record = ula_moves(
             move_key, state, params, potential_fn, h, num_steps, weighted=True, fused=fused,

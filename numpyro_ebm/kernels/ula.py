@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from blackjax.base import SamplingAlgorithm
 
 from numpyro_ebm import _checks
+from numpyro_ebm.kernels import jarzynski_ula
 from numpyro_ebm.kernels.base import (
     ArrayTree,
     JarzynskiInfo,
@@ -24,12 +25,25 @@ from numpyro_ebm.kernels.base import (
     PotentialFn,
     WalkerKernel,
     num_walkers,
+    resolve_step_size,
 )
 from numpyro_ebm.kernels.evaluation import keep_or_recompute, weighted_param_grad
-from numpyro_ebm.kernels.jarzynski_ula import init
 from numpyro_ebm.kernels.langevin import ula_moves
 
 __all__ = ["init", "build_kernel", "as_top_level_api", "walker_kernel"]
+
+
+def init(
+    particles: ArrayTree,
+    params: ArrayTree,
+    potential_fn: PotentialFn,
+    batch_size: int | None = None,
+) -> JarzynskiState:
+    """Unweighted walkers at ``particles`` for ``params`` (one evaluation per walker). Their
+    ``log_normalizer`` is NaN: unweighted walkers carry no estimate of
+    :math:`\log Z_\theta / Z_{\theta_0}` (``ce_estimate`` refuses them)."""
+    state = jarzynski_ula.init(particles, params, potential_fn, batch_size)
+    return state._replace(log_normalizer=jnp.full_like(state.log_normalizer, jnp.nan))
 
 
 def _check_args(step_size, num_steps, batch_size, noise_dtype) -> int:
@@ -51,7 +65,7 @@ def build_kernel(
 ):
     """Build the unweighted ULA kernel: ``kernel(rng_key, state, params=None,
     step_size=None) -> (JarzynskiState, JarzynskiInfo)`` with equal weights, ESS ``N``, no
-    resampling and a log normaliser that stays 0. Arguments as in
+    resampling and no log-normaliser estimate (NaN). Arguments as in
     :func:`numpyro_ebm.kernels.jarzynski_ula.build_kernel`; with ``param_grad`` the walker
     term :math:`\\frac1N \\sum_i \\nabla_\\theta U(X^i)` comes from the move's own
     evaluation (one forward and one backward pass)."""
@@ -61,12 +75,13 @@ def build_kernel(
 
     def kernel(rng_key, state, params=None, step_size=None):
         params = state.params if params is None else params
-        h = jnp.asarray(default_step_size if step_size is None else step_size, state.potential.dtype)
+        h = resolve_step_size(default_step_size, step_size, state.potential.dtype)
         move_key, _ = jax.random.split(rng_key)  # the second key is the weighted kernels' resampling key
         state, record = ula_moves(
             move_key, state, params, potential_fn, h, num_steps, weighted=False, fused=fused,
             batch_size=batch_size, noise_dtype=noise_dtype,
         )
+        state = state._replace(log_normalizer=jnp.full_like(state.log_normalizer, jnp.nan))
         n = num_walkers(state)
         weights = jnp.exp(state.log_weights)
         walker_grad = None

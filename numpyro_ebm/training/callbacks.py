@@ -19,6 +19,12 @@ from typing import Any
 import numpy as np
 
 from numpyro_ebm import _checks
+from numpyro_ebm.errors import (
+    EnergyDivergenceWarning,
+    NonFiniteError,
+    SubstepLimitWarning,
+    WeightDegeneracyWarning,
+)
 from numpyro_ebm.training.loop import ChunkResult, RunContext, RunResult
 
 __all__ = [
@@ -33,23 +39,6 @@ __all__ = [
     "DegeneracyCheck",
     "DivergenceCheck",
 ]
-
-
-class WeightDegeneracyWarning(RuntimeWarning):
-    """Issued (once per run) when the Jarzynski weights stay degenerate."""
-
-
-class EnergyDivergenceWarning(RuntimeWarning):
-    """Issued (once per run) when the energies grow without bound."""
-
-
-class NonFiniteError(FloatingPointError):
-    """Raised when training cannot go on; ``result`` holds the last good state and the
-    trace up to it (a ``RunResult`` from ``run``, a ``FitResult`` from ``fit``)."""
-
-    def __init__(self, message: str, result: Any):
-        super().__init__(message)
-        self.result = result
 
 
 class ProgressBar:
@@ -114,9 +103,12 @@ class Checkpoint:
     """Orbax checkpoints of the :class:`~numpyro_ebm.training.trainer.TrainState` and the
     trace every ``every`` iterations (default: every chunk) and at the end; the last three
     are kept. A record of the run (kernel and its settings, walker count, shapes, key, and
-    ``metadata``) is stored beside it. ``resume=True`` continues from the latest checkpoint
-    (the result equals an uninterrupted run's); a checkpoint of another run, or an
-    unreadable one, raises ``ValueError`` and is left on disk."""
+    ``metadata``, fingerprints of the data and of the optimiser's first update) is stored
+    beside it. ``resume=True`` continues from the latest checkpoint (the result equals an
+    uninterrupted run's); a checkpoint of another run (any recorded setting differs: the
+    error names it), or an unreadable one, raises ``ValueError`` before anything is written,
+    so no checkpoint of the other run is rotated away. A run asked for fewer iterations than
+    the checkpoint holds raises ``ValueError``."""
 
     def __init__(self, directory: str | os.PathLike, every: int | None = None, resume: bool = False,
                  metadata: dict[str, Any] | None = None):
@@ -134,9 +126,12 @@ class Checkpoint:
 
         state = ctx.initial_state
         kernel = ctx.trainer.kernel
+        fingerprints = {"data_sha256": _sha256(ctx.data),
+                        "optimizer_probe_sha256": _optimizer_probe(ctx.trainer.optimizer, state.params)}
         meta = run_metadata(method=kernel.name, num_walkers=state.walkers.log_weights.shape[0],
                             params=state.params, particles=state.walkers.particles, data=ctx.data,
-                            rng_key=ctx.rng_key, options={**kernel.config, **self.metadata})
+                            rng_key=ctx.rng_key,
+                            options={**kernel.config, **fingerprints, **self.metadata})
         self._checkpointer = Checkpointer(self.directory, meta)
         if self.resume:
             restored = self._checkpointer.restore(state)
@@ -153,6 +148,39 @@ class Checkpoint:
         pos = chunk.start + chunk.length
         if self.every is None or pos % self.every == 0 or pos == ctx.end:
             self._checkpointer.save(pos, chunk.state, ctx.trace_so_far())
+
+    def close(self):
+        """Stop Orbax's background threads (also when training failed)."""
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
+
+
+def _sha256(tree: Any) -> str:
+    """A fingerprint of the values of ``tree`` (its leaves' bytes, shapes and dtypes)."""
+    import hashlib
+
+    import jax
+
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(tree)):
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f"{leaf.shape}{leaf.dtype}".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()
+
+
+def _optimizer_probe(optimizer: Any, params: Any) -> str:
+    """A fingerprint of the optimiser's hyper-parameters: its first update of a fixed
+    probe gradient (ones) from its initial state. Another learning rate, clip or decay
+    gives another update."""
+    import jax
+
+    if optimizer is None:
+        return "unknown"
+    ones = jax.tree.map(lambda leaf: np.ones(np.shape(leaf), np.asarray(leaf).dtype), params)
+    updates, _ = optimizer.update(ones, optimizer.init(params), params)
+    return _sha256(updates)
 
 
 class NonFiniteStop:
@@ -188,7 +216,9 @@ class DegeneracyCheck:
     stays below ``ess_floor`` for ``patience`` consecutive iterations, when :math:`\\hat k`
     stays above ``khat`` on consecutive snapshots spanning ``patience`` iterations, or when
     the walkers were resampled in half of some ``max(5 * patience, 100)`` consecutive
-    iterations (each resampling resets the ESS). ``None`` switches a check off."""
+    iterations (each resampling resets the ESS). ``None`` switches a check off. With the
+    adaptive kernel, a :class:`~numpyro_ebm.errors.SubstepLimitWarning` when some iteration
+    missed the schedule's conditional-ESS target (``trace["substep_target_missed"]``)."""
 
     def __init__(self, ess_floor: float | None = 0.05, khat: float | None = 0.7, patience: int = 20):
         if ess_floor is not None:
@@ -204,6 +234,13 @@ class DegeneracyCheck:
         message = degeneracy_message(result.trace, self.ess_floor, self.khat, self.patience)
         if message is not None:
             warnings.warn(message, WeightDegeneracyWarning, stacklevel=4)
+        missed = np.asarray(result.trace.get("substep_target_missed", []), bool)
+        if missed.any():
+            warnings.warn(
+                f"the adaptive schedule missed its conditional-ESS target at {int(missed.sum())} "
+                f"iterations (first: {int(np.argmax(missed))}): `max_substeps` or the backtracks "
+                "ran out, or the ULA move alone breaks the target. Raise `max_substeps`, lower the "
+                "learning rate, or lower `step_size`.", SubstepLimitWarning, stacklevel=4)
 
 
 class DivergenceCheck:

@@ -10,6 +10,7 @@ the loop (:func:`~numpyro_ebm.training.run`) and the callbacks
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from numpyro_ebm import _checks
+from numpyro_ebm.errors import InitialWalkersWarning
 from numpyro_ebm.kernels import cd, jarzynski_ula, ula
 from numpyro_ebm.kernels.base import JarzynskiState, PotentialFn, WalkerKernel
 from numpyro_ebm.step_size import StepSizeAdaptation
@@ -106,11 +108,29 @@ def _validate(potential_fn, params, data, num_iterations, data_batch_size, log_z
     return num_data
 
 
+def _as_dtype(tree, dtype):
+    """Floating leaves of ``tree`` as JAX arrays of ``dtype``, other leaves as they are."""
+    def cast(leaf):
+        leaf = jnp.asarray(leaf)
+        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+    return jax.tree.map(cast, tree)
+
+
 def _initial_particles(kernel, init_particles, num_walkers, data, num_data, init_key):
     if num_walkers is None:
         raise ValueError("`num_walkers` is needed unless `init_state` is given")
     _checks.check_int_at_least("num_walkers", num_walkers, 2)
-    if init_particles is None:
+    if isinstance(init_particles, str):
+        if init_particles != "standard_normal":
+            raise ValueError("`init_particles` must be an array, a callable (rng_key, num_walkers) "
+                             f"-> particles, 'standard_normal' or None, got {init_particles!r}")
+    elif init_particles is None and kernel.weighted:
+        warnings.warn(
+            "`init_particles` not given: the walkers start at N(0, I) draws with equal weights, "
+            "which is right only when the initial model rho_theta0 is N(0, I). Pass draws from "
+            "rho_theta0 (or init_particles='standard_normal' to say N(0, I) is meant).",
+            InitialWalkersWarning, stacklevel=3)
+    if init_particles is None or isinstance(init_particles, str):
         if kernel.restart is not None:  # CD: data points
             idx = jax.random.randint(init_key, (num_walkers,), 0, num_data)
             init_particles = jax.tree.map(lambda leaf: leaf[idx], data)
@@ -171,7 +191,10 @@ def fit(
     ``cd.walker_kernel(h, restart_every=...)``). ``num_walkers`` :math:`N \\ge 2` walkers
     start at ``init_particles`` (an array, or ``(rng_key, N) -> particles``); for Jarzynski
     they must be draws from the initial model :math:`\\rho_{\\theta_0}` (the weights start
-    equal); default: standard normal draws (data points for CD). ``init_state`` (a
+    equal); default: standard normal draws (data points for CD), with an
+    :class:`~numpyro_ebm.errors.InitialWalkersWarning` for weighted kernels unless
+    ``init_particles="standard_normal"`` says so. Data and walkers are cast to the floating
+    dtype of the energy (that of the params). ``init_state`` (a
     ``FitResult.train_state``) continues a run instead: with the same ``rng_key`` the
     result equals one longer run. ``data_batch_size``: minibatches by epoch
     (:func:`~numpyro_ebm.training.run`); ``None``: the whole data set. ``log_z0``
@@ -196,7 +219,9 @@ def fit(
     num_data = _validate(potential_fn, params, data, num_iterations, data_batch_size, log_z0, rng_key)
     kernel = make_kernel(kernel, step_size)
     init_key, loop_key = jax.random.split(rng_key)
-    data = jax.tree.map(jnp.asarray, data)
+    # one dtype: data and walkers take the energy's (the params') floating dtype
+    dtype = jax.eval_shape(potential_fn, params, jax.tree.map(lambda leaf: leaf[0], data)).dtype
+    data = _as_dtype(data, dtype)
     constrain = None
     if mesh is not None:
         from numpyro_ebm import sharding
@@ -206,7 +231,9 @@ def fit(
                             step_size_adaptation=step_size_adaptation, trace_fn=trace_fn,
                             constrain_walkers=constrain)
     if init_state is None:
-        particles = _initial_particles(kernel, init_particles, num_walkers, data, num_data, init_key)
+        particles = _as_dtype(
+            _initial_particles(kernel, init_particles, num_walkers, data, num_data, init_key), dtype
+        )
         if mesh is not None:
             particles = jax.device_put(particles, sharding.walker_sharding(mesh))
         init_state = trainer.init(params, particles)

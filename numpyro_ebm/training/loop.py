@@ -25,13 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_ebm import _checks
+from numpyro_ebm.errors import CallbackFailedWarning
 from numpyro_ebm.training.trainer import Trainer, TrainInfo, TrainState
 
 __all__ = ["run", "RunResult", "ChunkResult", "RunContext", "trace_row", "CallbackFailedWarning"]
-
-
-class CallbackFailedWarning(RuntimeWarning):
-    """A callback failed after training; the run's result is returned all the same."""
 
 
 class RunResult(NamedTuple):
@@ -83,6 +80,7 @@ def trace_row(info: TrainInfo, num_walkers: int) -> dict[str, jax.Array]:
         row["resampled"] = info.kernel_info.resampled
         if hasattr(info.kernel_info, "num_substeps"):
             row["num_substeps"] = info.kernel_info.num_substeps
+            row["substep_target_missed"] = info.kernel_info.target_missed
     for name in ("cross_entropy", "acceptance", "extra"):
         if getattr(info, name) is not None:
             row[name] = getattr(info, name)
@@ -227,20 +225,9 @@ def run(
         return trace
 
     ctx = RunContext(trainer, rng_key, data, start, end, state, trace_so_far)
-    for cb in callbacks:
-        restored = cb.on_start(ctx) if hasattr(cb, "on_start") else None
-        if restored is not None:
-            state, saved = restored
-            snap = saved.pop("snapshots", None)
-            if saved:
-                rows.append(saved)
-            if snap:
-                snaps.append(snap)
-    pos = int(state.iteration)
-    if pos > end:
-        raise ValueError(f"the restored state is at iteration {pos}, past the run's end {end}: "
-                         "ask for at least that many iterations")
     try:
+        state = _start(ctx, callbacks, state, rows, snaps)
+        pos = int(state.iteration)
         while pos < end:
             remaining = end - pos
             for e in every:
@@ -271,6 +258,25 @@ def run(
             if hasattr(cb, "close"):
                 cb.close()
     return _finish(ctx, RunResult(state, trace_so_far()), callbacks)
+
+
+def _start(ctx, callbacks, state, rows, snaps):
+    """Each callback's ``on_start``; a restored ``(state, trace)`` replaces the start."""
+    for cb in callbacks:
+        restored = cb.on_start(ctx) if hasattr(cb, "on_start") else None
+        if restored is not None:
+            state, saved = restored
+            snap = saved.pop("snapshots", None)
+            if saved:
+                rows.append(saved)
+            if snap:
+                snaps.append(snap)
+    if int(state.iteration) > ctx.end:
+        raise ValueError(
+            f"the restored state is at iteration {int(state.iteration)}, past this run's end "
+            f"({ctx.end}): `num_iterations` must reach at least that iteration"
+        )
+    return state
 
 
 def _replay(chunk_fn, state, data, length):

@@ -103,11 +103,14 @@ class TrainInfo(NamedTuple):
 
 class Trainer(NamedTuple):
     """``init(params, particles) -> TrainState``; ``step(rng_key, state, batch) ->
-    (TrainState, TrainInfo)`` (pure, jittable); ``kernel``, the walker kernel."""
+    (TrainState, TrainInfo)`` (pure, jittable); and what it was built from: the walker
+    ``kernel``, the ``optimizer`` and the ``potential_fn``."""
 
     init: Callable
     step: Callable
     kernel: WalkerKernel
+    optimizer: Any = None
+    potential_fn: Any = None
 
 
 def _check(potential_fn, optimizer, kernel, step_size_adaptation):
@@ -206,7 +209,7 @@ def build_trainer(
                                state.iteration + 1)
         return new_state, info
 
-    return Trainer(init, step, kernel)
+    return Trainer(init, step, kernel, optimizer, potential_fn)
 
 
 def _initial_walker_grad(potential_fn, kernel, params, walkers):
