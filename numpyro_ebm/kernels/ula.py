@@ -41,7 +41,7 @@ def init(
 ) -> JarzynskiState:
     """Unweighted walkers at ``particles`` for ``params`` (one evaluation per walker). Their
     ``log_normalizer`` is NaN: unweighted walkers carry no estimate of
-    :math:`\log Z_\theta / Z_{\theta_0}` (``ce_estimate`` refuses them)."""
+    :math:`\\log Z_\\theta / Z_{\\theta_0}` (``ce_estimate`` refuses them)."""
     state = jarzynski_ula.init(particles, params, potential_fn, batch_size)
     return state._replace(log_normalizer=jnp.full_like(state.log_normalizer, jnp.nan))
 
