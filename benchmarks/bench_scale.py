@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -142,7 +143,7 @@ def worker(case: dict) -> dict:
             num_walkers=case["num_walkers"], num_iterations=iterations,
             rng_key=key, init_particles=walkers0, chunk_size=iterations, mesh=mesh,
             callbacks=[callbacks.DegeneracyCheck(ess_floor=None, khat=None),
-                       callbacks.DivergenceCheck(1e300)],
+                       callbacks.DivergenceCheck(math.inf)],
         )
         jax.block_until_ready(result.state.particles)
         return time.perf_counter() - t0

@@ -94,12 +94,14 @@ ERRORS = [
      TypeError, "`kernel`"),
     ("step_size_adaptation target", lambda: numpyro_ebm.step_size.step_size_adaptation(1.2),
      ValueError, "`target_acceptance`"),
-    ("DivergenceCheck factor", lambda: cbs.DivergenceCheck(-1.0), ValueError, "`divergence_factor`"),
-    ("DivergenceCheck NaN", lambda: cbs.DivergenceCheck(math.nan), ValueError, "`divergence_factor`"),
-    ("DegeneracyCheck floor", lambda: cbs.DegeneracyCheck(ess_floor=2.0), ValueError, "`warn_ess_floor`"),
-    ("Snapshots every", lambda: cbs.Snapshots(0), ValueError, "`snapshot_every`"),
+    ("DivergenceCheck factor", lambda: cbs.DivergenceCheck(-1.0), ValueError, "`factor`"),
+    ("DivergenceCheck NaN", lambda: cbs.DivergenceCheck(math.nan), ValueError, "`factor`"),
+    ("walker_batch_size 0", lambda: jarzynski_ula.walker_kernel(0.1, walker_batch_size=0), ValueError,
+     "`walker_batch_size`"),
+    ("DegeneracyCheck floor", lambda: cbs.DegeneracyCheck(ess_floor=2.0), ValueError, "`ess_floor`"),
+    ("Snapshots every", lambda: cbs.Snapshots(0), ValueError, "`every`"),
     ("ParetoKhat fn", lambda: cbs.ParetoKhat(3), TypeError, "`khat_fn`"),
-    ("Checkpoint every", lambda: cbs.Checkpoint("/tmp/x", every=0), ValueError, "`checkpoint_every`"),
+    ("Checkpoint every", lambda: cbs.Checkpoint("/tmp/x", every=0), ValueError, "`every`"),
     ("summarize_infos walkers", lambda: kernels.summarize_infos(None, 0), ValueError, "`num_walkers`"),
 ]
 ERRORS = [row for row in ERRORS if row[2] is not None]
@@ -114,7 +116,7 @@ def test_bad_input_gives_a_named_error(thunk, error, pattern):
 def test_checkpoint_dir_that_is_a_file_is_refused_before_training(tmp_path):
     path = tmp_path / "a_file"
     path.write_text("x")
-    with pytest.raises(NotADirectoryError, match="`checkpoint_dir`"):
+    with pytest.raises(NotADirectoryError, match="`directory`"):
         fit(callbacks=[cbs.Checkpoint(path)])
 
 

@@ -1,4 +1,5 @@
-"""Weight diagnostics, ArviZ export, degeneracy warning, progress and plots (issue 4)."""
+"""Weight diagnostics, ArviZ export, degeneracy warning (DegeneracyCheck), snapshots and
+k-hat (Snapshots, ParetoKhat callbacks), progress and plots (issue 4)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,11 @@ import xarray as xr
 from arviz_stats.base import array_stats
 from matplotlib.figure import Figure
 
+from numpyro_ebm import WeightDegeneracyWarning, fit
 from numpyro_ebm import diagnostics as dg
-from numpyro_ebm.train import (
-    WeightDegeneracyWarning,
-    _degeneracy_message,
-    _first_long_run,
-    fit,
-)
+from numpyro_ebm.training import callbacks as cbs
+from numpyro_ebm.training.callbacks import _first_long_run
+from numpyro_ebm.training.callbacks import degeneracy_message as _degeneracy_message
 
 NUM_WALKERS = 128
 
@@ -32,9 +31,17 @@ def gaussian_potential(params, x):
     return 0.5 * jnp.sum((x - params["mu"]) ** 2)
 
 
-def _fit(dim, *, step_size=0.1, learning_rate=0.05, num_iterations=40, **kwargs):
+def _fit(dim, *, step_size=0.1, learning_rate=0.05, num_iterations=40, kernel="jarzynski",
+         snapshot_every=None, khat_fn=None, **kwargs):
+    """``fit`` with ``Snapshots(snapshot_every)`` and ``ParetoKhat(khat_fn)`` callbacks when
+    given (the callbacks that replaced fit's ``snapshot_every=`` and ``khat_fn=``)."""
     data = jax.random.normal(jax.random.key(1), (200, dim)) + 1.0
     params = {"mu": jnp.zeros(dim)}
+    callbacks = []
+    if snapshot_every is not None:
+        callbacks.append(cbs.Snapshots(snapshot_every))
+    if khat_fn is not None:
+        callbacks.append(cbs.ParetoKhat(khat_fn))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = fit(
@@ -43,9 +50,11 @@ def _fit(dim, *, step_size=0.1, learning_rate=0.05, num_iterations=40, **kwargs)
             data,
             optimizer=optax.sgd(learning_rate),
             num_walkers=NUM_WALKERS,
+            kernel=kernel,
             step_size=step_size,
             num_iterations=num_iterations,
             rng_key=jax.random.key(0),
+            callbacks=callbacks,
             **kwargs,
         )
     ours = [w for w in caught if issubclass(w.category, WeightDegeneracyWarning)]
@@ -72,7 +81,7 @@ def degenerate():
 
 @pytest.fixture(scope="module")
 def pcd():
-    return _fit(2, method="pcd", snapshot_every=10, num_iterations=20)
+    return _fit(2, kernel="pcd", snapshot_every=10, num_iterations=20)
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,7 +197,7 @@ def test_snapshots_do_not_change_the_run(healthy, capfd):
 
 def test_cd_snapshots_with_short_last_interval_and_progress(capfd):
     result, _, _ = _fit(
-        2, method="cd", snapshot_every=10, chunk_size=10, num_iterations=23, progress=True
+        2, kernel="cd", snapshot_every=10, chunk_size=10, num_iterations=23, progress=True
     )
     err = capfd.readouterr().err
     assert "fit[cd]" in err and "23/23" in err
@@ -199,21 +208,31 @@ def test_cd_snapshots_with_short_last_interval_and_progress(capfd):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "make, match",
     [
-        ({"snapshot_every": 0}, "`snapshot_every`"),
-        ({"khat_fn": 0.7}, "`khat_fn`"),
-        ({"warn_ess_floor": 1.5}, "`warn_ess_floor`"),
-        ({"warn_khat": float("nan")}, "`warn_khat`"),
-        ({"warn_patience": 0}, "`warn_patience`"),
+        # the messages name fit's former keywords (snapshot_every, warn_*) rather than the
+        # constructors' own argument names (every, ess_floor, khat, patience): accept both
+        (lambda: cbs.Snapshots(0), "`(snapshot_)?every`"),
+        (lambda: cbs.Snapshots(2.0), "`(snapshot_)?every`"),
+        (lambda: cbs.ParetoKhat(0.7), "`khat_fn`"),
+        (lambda: cbs.DegeneracyCheck(ess_floor=1.5), "`(warn_)?ess_floor`"),
+        (lambda: cbs.DegeneracyCheck(ess_floor=0.0), "`(warn_)?ess_floor`"),
+        (lambda: cbs.DegeneracyCheck(khat=float("nan")), "`(warn_)?khat`"),
+        (lambda: cbs.DegeneracyCheck(patience=0), "`(warn_)?patience`"),
+        (lambda: cbs.DivergenceCheck(0.0), "`(divergence_)?factor`"),
     ],
 )
-def test_fit_rejects_bad_diagnostic_options(kwargs, match):
+def test_bad_diagnostic_options_name_the_argument(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+def test_only_one_callback_may_ask_for_snapshots():
+    with pytest.raises(ValueError, match="snapshot"):
         fit(
             gaussian_potential, {"mu": jnp.zeros(2)}, jnp.ones((10, 2)),
             optimizer=optax.sgd(0.1), num_walkers=8, step_size=0.1, num_iterations=5,
-            rng_key=jax.random.key(0), **kwargs,
+            rng_key=jax.random.key(0), callbacks=[cbs.Snapshots(5), cbs.Snapshots(2)],
         )
 
 
@@ -234,7 +253,8 @@ def test_khat_warning_fires_once_on_a_degenerate_run(degenerate):
     in_range = (snaps["iteration"] >= first) & (snaps["iteration"] <= last)
     assert last - first + 5 >= 20  # spans the default patience of 20 iterations
     assert np.all(snaps["pareto_k"][in_range] > dg.KHAT_THRESHOLD)
-    for advice in ("num_walkers", "step_size", "learning rate", "ess_threshold"):
+    for advice in ("more walkers", "step_size", "learning rate", "ess_threshold",
+                   "kernels.adaptive_jarzynski_ula"):
         assert advice in message
     assert np.mean(snaps["pareto_k"] > dg.KHAT_THRESHOLD) > 0.5
 

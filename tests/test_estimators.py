@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from numpyro_ebm import ce_estimate, ce_grad
-from numpyro_ebm import jarzynski_ula as ju
+from numpyro_ebm.estimators import ce_value_and_grad
+from numpyro_ebm.kernels import jarzynski_ula as ju
+from numpyro_ebm.kernels.evaluation import weighted_param_grad
 
 
 def u(params, x):
@@ -49,6 +51,30 @@ def test_ce_grad_uses_the_softmax_of_unnormalised_log_weights(x64):
     a = ce_grad(u, params, data, state)
     b = ce_grad(u, params, data, shifted)
     np.testing.assert_allclose(a["mu"], b["mu"], rtol=1e-12)
+
+
+def test_ce_value_and_grad_with_the_kernels_walker_term(x64):
+    """``walker_grad`` (the walker term a kernel built with ``param_grad=True`` returns in
+    ``info.param_grad``) replaces the weighted pass over the walkers: the same gradient as
+    ``ce_grad`` at the kernel's new state, and the data energy is the mean data energy."""
+    p0 = {"mu": jnp.zeros(2), "log_scale": jnp.zeros(())}
+    p1 = {"mu": jnp.array([0.3, -0.1]), "log_scale": jnp.asarray(0.2)}
+    data = jax.random.normal(jax.random.key(4), (30, 2)) + 1.0
+    state = ju.init(jax.random.normal(jax.random.key(5), (50, 2)), p0, u)
+    kernel = ju.build_kernel(u, 0.2, ess_threshold=1e-9, param_grad=True)
+    new, info = jax.jit(kernel)(jax.random.key(6), state, p1)
+    value_and_grad = jax.jit(ce_value_and_grad, static_argnums=0)
+    energy, g = value_and_grad(u, p1, data, new, info.param_grad)
+    want = value_and_grad(u, p1, data, new)[1]
+    np.testing.assert_allclose(want["mu"], ce_grad(u, p1, data, new)["mu"], rtol=1e-10)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(energy, jnp.mean(jax.vmap(u, (None, 0))(p1, data)), rtol=1e-12)
+    # a wrong walker term is used as given (it is not recomputed)
+    zero = jax.tree.map(jnp.zeros_like, info.param_grad)
+    _, g0 = value_and_grad(u, p1, data, new, zero)
+    walker = weighted_param_grad(u, p1, new.particles, jnp.exp(new.log_weights))
+    np.testing.assert_allclose(g0["mu"] - walker["mu"], g["mu"], rtol=1e-10, atol=1e-12)
 
 
 def test_ce_estimate_is_exact_for_a_known_normaliser(x64):

@@ -1,4 +1,6 @@
-"""Tests of the Jarzynski-weighted ULA kernel (numpyro_ebm.jarzynski_ula)."""
+"""Tests of the Jarzynski-weighted ULA kernel (numpyro_ebm.kernels.jarzynski_ula), its
+adaptive variant (kernels.adaptive_jarzynski_ula), the unweighted ULA kernel (kernels.ula)
+and the shared pieces (kernels.base, kernels.evaluation, kernels.langevin)."""
 
 import math
 
@@ -9,7 +11,12 @@ import numpy as np
 import pytest
 from jax.scipy.stats import norm
 
-from numpyro_ebm import jarzynski_ula as ju
+from numpyro_ebm.kernels import adaptive_jarzynski_ula as adaptive
+from numpyro_ebm.kernels import jarzynski_ula as ju
+from numpyro_ebm.kernels import ula
+from numpyro_ebm.kernels.base import log_weight_increment
+from numpyro_ebm.kernels.evaluation import potential_and_grad, weighted_param_grad
+from numpyro_ebm.kernels.langevin import standard_normal
 
 
 def gaussian_potential(params, x):
@@ -87,7 +94,7 @@ def test_pytree_particles_give_the_same_increments_as_flat_ones(x64):
     g1 = jax.vmap(jax.grad(flat_u, argnums=1), (None, 0))(p1, y)
     u0 = jax.vmap(flat_u, (None, 0))(p0, x)
     u1 = jax.vmap(flat_u, (None, 0))(p1, y)
-    expected = ju.log_weight_increment(u0, g0, x, u1, g1, y, jnp.asarray(0.2))
+    expected = log_weight_increment(u0, g0, x, u1, g1, y, jnp.asarray(0.2))
     np.testing.assert_allclose(i_tree.log_weight_increments, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -156,7 +163,7 @@ def test_weights_remove_ula_discretisation_bias():
     h, n, steps, runs = 0.5, 4000, 30, 8
     params = gaussian_params(jnp.zeros(1), 0.0, jnp.float32)
     algo = ju.as_top_level_api(gaussian_potential, params, h)
-    ula = ju._build_kernel(gaussian_potential, h, None, 1.0, 1, reweight=False)
+    plain_kernel = ula.build_kernel(gaussian_potential, h)
 
     def weighted_run(key):
         init_key, run_key = jax.random.split(key)
@@ -170,7 +177,8 @@ def test_weights_remove_ula_discretisation_bias():
     def plain_run(key):
         init_key, run_key = jax.random.split(key)
         state = ju.init(jax.random.normal(init_key, (n, 1)), params, gaussian_potential)
-        state, _ = jax.lax.scan(lambda s, k: ula(k, s), state, jax.random.split(run_key, steps))
+        state, _ = jax.lax.scan(lambda s, k: plain_kernel(k, s), state,
+                                jax.random.split(run_key, steps))
         return jnp.mean(state.particles[:, 0] ** 2)
 
     keys = jax.random.split(jax.random.key(11), runs)
@@ -248,7 +256,7 @@ def test_kernel_is_jittable_with_traced_step_size(x64):
 
 
 # ---------------------------------------------------------------------------------------
-# Adaptive schedule (build_adaptive_kernel)
+# Adaptive schedule (kernels.adaptive_jarzynski_ula.build_kernel)
 # ---------------------------------------------------------------------------------------
 
 
@@ -261,7 +269,7 @@ def test_adaptive_substeps_keep_the_ess_and_the_log_normalizer_exact(x64):
     p0 = gaussian_params(jnp.zeros(d), 0.0, jnp.float64)
     p1 = gaussian_params(jnp.array([5.0, 0.0]), 0.5, jnp.float64)
     exact = d * 0.5
-    adaptive = ju.build_adaptive_kernel(
+    adaptive_kernel = adaptive.build_kernel(
         gaussian_potential, 0.2, target_ess=target, max_substeps=100, num_steps=10
     )
     fixed = ju.build_kernel(gaussian_potential, 0.2, num_steps=10)
@@ -272,7 +280,7 @@ def test_adaptive_substeps_keep_the_ess_and_the_log_normalizer_exact(x64):
         return kernel(k1, state, p1)
 
     keys = jax.random.split(jax.random.key(7), runs)
-    st_a, info_a = jax.jit(jax.vmap(lambda k: run(adaptive, k)))(keys)
+    st_a, info_a = jax.jit(jax.vmap(lambda k: run(adaptive_kernel, k)))(keys)
     st_f, info_f = jax.jit(jax.vmap(lambda k: run(fixed, k)))(keys)
     assert np.all(info_a.num_substeps > 1) and np.all(info_a.num_substeps < 100)
     assert np.all(info_a.min_conditional_ess >= target)
@@ -290,11 +298,12 @@ def test_adaptive_kernel_is_one_ordinary_call_for_a_small_move(x64):
     p0 = gaussian_params(jnp.zeros(2), 0.0, jnp.float64)
     p1 = gaussian_params(jnp.array([0.01, 0.0]), 0.0, jnp.float64)
     state = ju.init(jax.random.normal(jax.random.key(0), (500, 2)), p0, gaussian_potential)
-    st_a, info = ju.build_adaptive_kernel(gaussian_potential, 0.1, num_steps=3)(
+    st_a, info = adaptive.build_kernel(gaussian_potential, 0.1, num_steps=3)(
         jax.random.key(1), state, p1
     )
     assert int(info.num_substeps) == 1 and int(info.num_evaluations) == 3
     assert float(info.min_conditional_ess) > 0.5
+    assert info.param_grad is None  # only with param_grad=True
 
 
 @pytest.mark.parametrize(
@@ -313,7 +322,7 @@ def test_adaptive_kernel_bad_input_names_the_argument(kw, match):
     args = {"step_size": 0.1}
     args.update(kw)
     with pytest.raises(ValueError, match=match):
-        ju.build_adaptive_kernel(gaussian_potential, **args)
+        adaptive.build_kernel(gaussian_potential, **args)
 
 
 def test_non_finite_walkers_get_zero_weight_and_are_replaced(x64):
@@ -354,12 +363,12 @@ def test_chunked_evaluation_equals_the_vmapped_one(x64):
     p = gaussian_params([0.3, -0.2], 0.1, jnp.float64)
     x = jax.random.normal(jax.random.key(0), (103, 2))
     c = jax.random.uniform(jax.random.key(1), (103,))
-    u0, g0 = ju.potential_and_grad(gaussian_potential, p, x)
-    u1, g1 = ju.potential_and_grad(gaussian_potential, p, x, batch_size=10)
+    u0, g0 = potential_and_grad(gaussian_potential, p, x)
+    u1, g1 = potential_and_grad(gaussian_potential, p, x, batch_size=10)
     np.testing.assert_allclose(u1, u0, rtol=1e-12)
     np.testing.assert_allclose(g1, g0, rtol=1e-12)
-    w0 = ju.weighted_param_grad(gaussian_potential, p, x, c)
-    w1 = ju.weighted_param_grad(gaussian_potential, p, x, c, batch_size=10)
+    w0 = weighted_param_grad(gaussian_potential, p, x, c)
+    w1 = weighted_param_grad(gaussian_potential, p, x, c, batch_size=10)
     for a, b in zip(jax.tree.leaves(w1), jax.tree.leaves(w0), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)
     # the weighted parameter gradient by hand: dU/dmu = -(x - mu) e^{-2s},
@@ -376,13 +385,22 @@ def test_chunked_evaluation_equals_the_vmapped_one(x64):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("reweight, ess_threshold", [(True, 1e-9), (True, 1.0), (False, 1.0)])
-def test_fused_walker_gradient_is_the_weighted_gradient_at_the_new_state(x64, reweight, ess_threshold):
-    """The kernel's third output (param_grad=True) is sum_i w_i grad_theta U(X^i) at the
-    state it returns: with and without resampling (ess_threshold 1.0 forces it), for
-    weighted and equal (PCD) weights, and with walkers whose new evaluation is not finite
-    (NaN for x0 > 2), where the fused pass cannot be used and the gradient is recomputed."""
+def _param_grad_kernel(name, u, ess_threshold):
     from blackjax.smc import resampling
+
+    if name == "jarzynski":
+        return ju.build_kernel(u, 0.3, resampling.systematic, ess_threshold, 2, param_grad=True)
+    return ula.build_kernel(u, 0.3, num_steps=2, param_grad=True)
+
+
+@pytest.mark.parametrize("name, ess_threshold", [("jarzynski", 1e-9), ("jarzynski", 1.0),
+                                                 ("pcd", 1.0)])
+def test_fused_walker_gradient_is_the_weighted_gradient_at_the_new_state(x64, name, ess_threshold):
+    """With param_grad=True the kernel returns exactly (state, info) and info.param_grad is
+    sum_i w_i grad_theta U(X^i) at the state it returns: with and without resampling
+    (ess_threshold 1.0 forces it), for weighted and equal (PCD, kernels.ula) weights, and
+    with walkers whose new evaluation is not finite (NaN for x0 > 2), where the fused pass
+    cannot be used and the gradient is recomputed. Without param_grad it is None."""
 
     def nan_beyond_2(params, x):
         return gaussian_potential(params, x) + jnp.where(x[0] > 2.0, jnp.nan, 0.0)
@@ -393,16 +411,19 @@ def test_fused_walker_gradient_is_the_weighted_gradient_at_the_new_state(x64, re
     for edge in (False, True):
         u = nan_beyond_2 if edge else gaussian_potential
         x0 = x.at[:5, 0].set(1.99) if edge else x
-        kernel = ju._build_kernel(u, 0.3, resampling.systematic, ess_threshold, 2, reweight,
-                                  param_grad=True)
-        state, info, walker_grad = jax.jit(kernel)(jax.random.key(1), ju.init(x0, p, u), p2)
+        kernel = _param_grad_kernel(name, u, ess_threshold)
+        out = jax.jit(kernel)(jax.random.key(1), ju.init(x0, p, u), p2)
+        assert isinstance(out, tuple) and len(out) == 2
+        state, info = out
         assert (int(info.num_nonfinite) > 0) == edge
-        assert bool(info.resampled) == (reweight and ess_threshold == 1.0)
-        want = jax.jit(ju.weighted_param_grad, static_argnums=0)(
+        assert bool(info.resampled) == (name != "pcd" and ess_threshold == 1.0)
+        want = jax.jit(weighted_param_grad, static_argnums=0)(
             u, p2, state.particles, jnp.exp(state.log_weights))
-        for a, b in zip(jax.tree.leaves(walker_grad), jax.tree.leaves(want), strict=True):
+        for a, b in zip(jax.tree.leaves(info.param_grad), jax.tree.leaves(want), strict=True):
             assert np.all(np.isfinite(a))
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert ju.build_kernel(gaussian_potential, 0.3)(
+        jax.random.key(1), ju.init(x, p, gaussian_potential), p2)[1].param_grad is None
 
 
 def test_standard_normal_float32_has_the_normal_distribution():
@@ -413,7 +434,7 @@ def test_standard_normal_float32_has_the_normal_distribution():
     from scipy import stats
 
     n = 1_000_000
-    z = np.asarray(jax.jit(lambda k: ju.standard_normal(k, (n,), jnp.float32))(jax.random.key(0)),
+    z = np.asarray(jax.jit(lambda k: standard_normal(k, (n,), jnp.float32))(jax.random.key(0)),
                    np.float64)
     se = 1 / math.sqrt(n)
     assert abs(z.mean()) < 4 * se
@@ -425,9 +446,9 @@ def test_standard_normal_float32_has_the_normal_distribution():
     assert stats.kstest(z, "norm").statistic * math.sqrt(n) < 1.63
     with jax.enable_x64(True):
         k = jax.random.key(1)
-        np.testing.assert_array_equal(ju.standard_normal(k, (5, 3), jnp.float64),
+        np.testing.assert_array_equal(standard_normal(k, (5, 3), jnp.float64),
                                       jax.random.normal(k, (5, 3), jnp.float64))
-    rbg = ju.standard_normal(jax.random.key(1, impl="rbg"), (7,), jnp.float32)
+    rbg = standard_normal(jax.random.key(1, impl="rbg"), (7,), jnp.float32)
     assert rbg.shape == (7,) and rbg.dtype == jnp.float32
 
 
@@ -449,3 +470,55 @@ def test_float32_noise_for_float64_walkers_keeps_the_jarzynski_identity(x64):
     weighted = np.sum(w * x2)
     assert abs(weighted - 1) < 4 * math.sqrt(2 / ess), (weighted, ess)
     assert np.mean(x2) > 1.2  # plain ULA at h = 0.5 has variance 1 / (1 - h / 2) = 4 / 3
+
+
+def test_unweighted_ula_kernel_keeps_equal_weights_and_moves_like_the_weighted_one(x64):
+    """kernels.ula: the same ULA moves as the Jarzynski kernel (same key, no resampling),
+    equal weights, ESS N, no resampling, log normaliser 0, increments 0."""
+    p = gaussian_params(jnp.zeros(2), 0.0, jnp.float64)
+    p2 = gaussian_params(jnp.array([0.5, 0.0]), 0.1, jnp.float64)
+    x = jax.random.normal(jax.random.key(0), (50, 2))
+    state = ju.init(x, p, gaussian_potential)
+    plain, info = ula.build_kernel(gaussian_potential, 0.2)(jax.random.key(1), state, p2)
+    weighted, _ = ju.build_kernel(gaussian_potential, 0.2, ess_threshold=1e-12)(
+        jax.random.key(1), state, p2)
+    np.testing.assert_array_equal(plain.particles, weighted.particles)
+    np.testing.assert_allclose(plain.log_weights, -math.log(50))
+    assert np.isnan(float(plain.log_normalizer)) and float(info.ess) == 50.0  # no log-Z estimate
+    assert not bool(info.resampled)
+    np.testing.assert_array_equal(info.ancestors, np.arange(50))
+    np.testing.assert_array_equal(info.log_weight_increments, 0.0)
+    np.testing.assert_allclose(plain.potential, jax.vmap(gaussian_potential, (None, 0))(p2, plain.particles))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: ula.build_kernel(gaussian_potential, 0.0), "step_size"),
+        (lambda: ula.build_kernel(gaussian_potential, 0.1, num_steps=0), "num_steps"),
+        (lambda: ula.build_kernel(gaussian_potential, 0.1, batch_size=0), "batch_size"),
+        (lambda: ula.build_kernel(gaussian_potential, 0.1, noise_dtype="bogus"), "noise_dtype"),
+        (lambda: ju.build_kernel(gaussian_potential, 0.1, resampling_fn=None), "resampling_fn"),
+    ],
+)
+def test_ula_kernel_bad_input_names_the_argument(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_old_import_path_reexports_the_kernels():
+    """numpyro_ebm.jarzynski_ula (the module before the kernels package) still gives the
+    same objects, build_adaptive_kernel included."""
+    from numpyro_ebm import jarzynski_ula as old
+    from numpyro_ebm.kernels import base, evaluation, langevin
+
+    assert old.build_kernel is ju.build_kernel and old.init is ju.init
+    assert old.as_top_level_api is ju.as_top_level_api
+    assert old.build_adaptive_kernel is adaptive.build_kernel
+    assert old.conditional_log_ess is adaptive.conditional_log_ess
+    assert old.JarzynskiState is base.JarzynskiState and old.JarzynskiInfo is base.JarzynskiInfo
+    assert old.log_weight_increment is base.log_weight_increment
+    assert old.potential_and_grad is evaluation.potential_and_grad
+    assert old.weighted_param_grad is evaluation.weighted_param_grad
+    assert old.standard_normal is langevin.standard_normal
+    assert old.ula_proposal is langevin.ula_proposal

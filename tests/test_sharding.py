@@ -27,6 +27,7 @@ SCRIPT = textwrap.dedent(
     jax.config.update("jax_enable_x64", True)
     from jax.sharding import Mesh
     from numpyro_ebm import fit
+    from numpyro_ebm.kernels import jarzynski_ula, ula
 
     def u(params, x):
         return 0.5 * jnp.sum((x - params["mu"]) ** 2) * jnp.exp(-2.0 * params["log_scale"])
@@ -35,11 +36,12 @@ SCRIPT = textwrap.dedent(
     params = {"mu": jnp.zeros(3), "log_scale": jnp.zeros(())}
     mesh = Mesh(np.array(jax.devices()), ("walkers",))
     out = {"num_devices": len(jax.devices())}
-    for method in ("jarzynski", "pcd"):
+    kernels = {"jarzynski": jarzynski_ula.walker_kernel(0.3, ess_threshold=0.9),
+               "pcd": ula.walker_kernel(0.3)}
+    for method, kernel in kernels.items():
         runs = [
-            fit(u, params, data, optimizer=optax.sgd(0.05), method=method, num_walkers=64,
-                step_size=0.3, num_iterations=25, rng_key=jax.random.key(1),
-                ess_threshold=0.9, mesh=m)
+            fit(u, params, data, optimizer=optax.sgd(0.05), kernel=kernel, num_walkers=64,
+                num_iterations=25, rng_key=jax.random.key(1), mesh=m)
             for m in (None, mesh)
         ]
         single, sharded = runs
@@ -52,6 +54,7 @@ SCRIPT = textwrap.dedent(
             "walker_shard_rows": sharded.state.particles.addressable_shards[0].data.shape[0],
             "resampled": int(np.sum(single.trace.get("resampled", 0))),
             "resampled_sharded": int(np.sum(sharded.trace.get("resampled", 0))),
+            "method": sharded.method,
         }
     print(json.dumps(out))
     """
@@ -73,6 +76,7 @@ def test_sharded_walkers_reproduce_the_single_device_run():
         res = out[method]
         assert res["walker_devices"] == 4 and res["walker_shard_rows"] == 16, res
         assert res["max_abs_diff"] < 1e-9, res
+        assert res["method"] == method
     assert out["jarzynski"]["resampled"] >= 2
     assert out["jarzynski"]["resampled_sharded"] == out["jarzynski"]["resampled"]
 
@@ -87,5 +91,5 @@ def test_mesh_must_divide_the_walkers():
     data = jnp.zeros((10, 2))
     with pytest.raises(TypeError, match="mesh"):
         fit(lambda p, x: jnp.sum((x - p) ** 2), jnp.zeros(2), data, optimizer=optax.sgd(0.1),
-            num_walkers=8, step_size=0.1, num_iterations=1, rng_key=jax.random.key(0),
-            mesh=jax.devices())
+            num_walkers=8, kernel="jarzynski", step_size=0.1, num_iterations=1,
+            rng_key=jax.random.key(0), mesh=jax.devices())

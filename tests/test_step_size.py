@@ -1,12 +1,12 @@
-"""Step-size control (numpyro_ebm.schedule)."""
+"""Step-size control (numpyro_ebm.step_size; numpyro_ebm.schedule is its old name)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from numpyro_ebm import jarzynski_ula as ju
-from numpyro_ebm.schedule import acceptance_proxy, step_size_adaptation
+from numpyro_ebm.kernels import jarzynski_ula as ju
+from numpyro_ebm.step_size import StepSizeAdaptation, acceptance_proxy, step_size_adaptation
 
 
 def test_acceptance_proxy_exact_values():
@@ -57,3 +57,27 @@ def test_bad_target_acceptance(target):
 def test_bad_initial_step_size():
     with pytest.raises(ValueError, match="step_size"):
         step_size_adaptation(0.7).init(0.0)
+
+
+def test_update_clips_the_step_size_and_keeps_its_dtype():
+    """A step-size state in float32 stays float32; the iterate is clipped to
+    [min_step_size, max_step_size] whatever the acceptance says."""
+    adaptation = step_size_adaptation(0.7, min_step_size=0.05, max_step_size=2.0)
+    assert isinstance(adaptation, StepSizeAdaptation)
+    state = adaptation.init(jnp.asarray(1.0, jnp.float32))
+    low = high = state
+    for _ in range(50):
+        low = adaptation.update(low, jnp.asarray(0.0, jnp.float32))  # never accepted: shrink
+        high = adaptation.update(high, jnp.asarray(1.0, jnp.float32))  # always: grow
+    assert low.step_size.dtype == jnp.float32
+    assert float(low.step_size) == pytest.approx(0.05)
+    assert float(high.step_size) == pytest.approx(2.0)
+
+
+def test_old_module_path_reexports_the_step_size_module():
+    import numpyro_ebm
+    from numpyro_ebm import schedule, step_size
+
+    assert numpyro_ebm.step_size is step_size
+    for name in ("acceptance_proxy", "StepSizeState", "StepSizeAdaptation", "step_size_adaptation"):
+        assert getattr(schedule, name) is getattr(step_size, name), name

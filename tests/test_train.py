@@ -1,6 +1,7 @@
-"""Tests of the trainer (numpyro_ebm.train.fit)."""
+"""Tests of the trainer through `numpyro_ebm.fit` (kernel objects, callbacks, errors)."""
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,11 @@ import optax
 import pytest
 
 from numpyro_ebm import fit
+from numpyro_ebm.kernels import adaptive_jarzynski_ula, cd, jarzynski_ula, ula
+from numpyro_ebm.step_size import step_size_adaptation
+from numpyro_ebm.training import callbacks as cbs
+
+KERNEL_MODULES = {"jarzynski": jarzynski_ula, "pcd": ula, "cd": cd}
 
 
 def u(params, x):
@@ -21,24 +27,31 @@ def small_problem(dtype, n_data=200, d=2):
     return data, params
 
 
-def run(method="jarzynski", dtype=jnp.float32, **kw):
+def run(method="jarzynski", dtype=jnp.float32, kernel_kw=None, **kw):
+    """``fit`` on the small problem. ``method`` names the kernel (given to ``fit`` as the
+    string with ``step_size``); with ``kernel_kw`` the kernel object
+    ``<module>.walker_kernel(step_size, **kernel_kw)`` is passed instead."""
     data, params = small_problem(dtype)
     d = data.shape[1]
+    step_size = kw.pop("step_size", 0.1)
+    if kernel_kw is None:
+        kernel = dict(kernel=method, step_size=step_size)
+    else:
+        kernel = dict(kernel=KERNEL_MODULES[method].walker_kernel(step_size, **kernel_kw))
     opts = dict(
         optimizer=optax.sgd(0.05),
-        method=method,
         num_walkers=256,
-        step_size=0.1,
         num_iterations=60,
         rng_key=jax.random.key(1),
         log_z0=0.5 * d * math.log(2 * math.pi),
+        **kernel,
     )
     opts.update(kw)
     return fit(u, params, data, **opts)
 
 
 def test_trace_fields_per_method():
-    """Every method records the gradient norm and data energy; only Jarzynski records
+    """Every kernel records the gradient norm and data energy; only Jarzynski records
     weight-based fields (absent, not faked, for PCD and CD)."""
     weighted_only = {"log_normalizer", "cross_entropy", "ess", "resampled"}
     for method in ("jarzynski", "pcd", "cd"):
@@ -50,6 +63,7 @@ def test_trace_fields_per_method():
             assert not weighted_only & set(result.trace), method
         assert all(np.shape(v)[0] == 5 for v in jax.tree.leaves(result.trace))
         assert result.method == method
+        assert int(result.train_state.iteration) == 5
 
 
 def test_gaussian_fit_learns_mean_and_scale_and_tracks_the_log_normalizer(dtype):
@@ -86,21 +100,49 @@ def test_results_do_not_depend_on_chunk_size():
     np.testing.assert_array_equal(a.trace["ess"], b.trace["ess"])
 
 
+def test_kernel_string_equals_the_default_kernel_object():
+    """``kernel="jarzynski", step_size=h`` is ``kernel=jarzynski_ula.walker_kernel(h)``."""
+    a = run("jarzynski", num_iterations=8)
+    b = run("jarzynski", num_iterations=8, kernel_kw={})
+    for x, y in zip(jax.tree.leaves((a.params, a.state, a.trace)),
+                    jax.tree.leaves((b.params, b.state, b.trace)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_pcd_and_cd_keep_equal_weights_and_cd_restarts_from_data():
     data, _ = small_problem(jnp.float32)
     pcd = run("pcd", num_iterations=10)
     np.testing.assert_allclose(pcd.state.log_weights, -math.log(256))
-    np.testing.assert_allclose(pcd.state.log_normalizer, 0.0)
+    assert np.isnan(pcd.state.log_normalizer)  # unweighted walkers carry no log-Z estimate
     # CD restarted at the last iteration (restart_every=1): one ULA step from data points
-    cd = run("cd", num_iterations=10, step_size=1e-8)
-    x = np.asarray(cd.state.particles)
+    cd_result = run("cd", num_iterations=10, step_size=1e-8)
+    x = np.asarray(cd_result.state.particles)
     dist = np.min(np.abs(x[:, None, :] - np.asarray(data)[None]).sum(-1), axis=1)
     assert np.max(dist) < 1e-3
 
 
 def test_minibatch_training_runs_and_is_finite():
-    result = run("jarzynski", batch_size=32, num_iterations=20)
+    result = run("jarzynski", data_batch_size=32, num_iterations=20)
     assert np.all(np.isfinite(result.trace["grad_norm"]))
+
+
+def test_minibatch_data_energy_is_the_mean_over_an_epoch_permutation():
+    """With ``data_batch_size`` B the iterations of one epoch see floor(n/B) disjoint
+    batches of the data (a permutation), so at fixed parameters (learning rate 0) the mean
+    of the recorded data energies over an epoch that uses all the data (B divides n) is
+    the full-data mean energy, epoch after epoch."""
+    data, params = small_problem(jnp.float32)
+    result = fit(u, params, data, optimizer=optax.sgd(0.0), kernel="pcd", step_size=0.1,
+                 num_walkers=16, num_iterations=10, rng_key=jax.random.key(4),
+                 data_batch_size=40)  # 200 / 40 = 5 batches per epoch, 2 epochs
+    full = float(jnp.mean(jax.vmap(u, (None, 0))(params, data)))
+    energies = result.trace["data_energy"]
+    np.testing.assert_allclose(energies[:5].mean(), full, rtol=1e-5)
+    np.testing.assert_allclose(energies[5:].mean(), full, rtol=1e-5)
+    # the batches are not all the same (a permutation, not the data in order every time)
+    assert np.ptp(energies[:5]) > 0
+    # and the second epoch is another permutation
+    assert not np.allclose(np.sort(energies[:5]), np.sort(energies[5:]))
 
 
 def test_init_particles_callable_gets_the_walker_count():
@@ -120,15 +162,14 @@ GOOD_DATA, GOOD_PARAMS = small_problem(jnp.float32)
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"method": "sgld"}, "method"),
+        ({"kernel": "sgld"}, "kernel"),
         ({"num_walkers": 1}, "num_walkers"),
         ({"num_iterations": 0}, "num_iterations"),
         ({"step_size": 0.0}, "step_size"),
         ({"step_size": -1.0}, "step_size"),
-        ({"ess_threshold": 0.0}, "ess_threshold"),
-        ({"ess_threshold": 1.01}, "ess_threshold"),
-        ({"batch_size": 10_000}, "batch_size"),
-        ({"batch_size": 0}, "batch_size"),
+        ({"step_size": None}, "step_size"),
+        ({"data_batch_size": 10_000}, "data_batch_size"),
+        ({"data_batch_size": 0}, "data_batch_size"),
         ({"log_z0": float("nan")}, "log_z0"),
         ({"init_particles": jnp.zeros((256, 3))}, "init_particles"),
         ({"init_particles": jnp.zeros((10, 2))}, "init_particles"),
@@ -138,8 +179,10 @@ GOOD_DATA, GOOD_PARAMS = small_problem(jnp.float32)
         ({"data": GOOD_DATA.at[3, 0].set(jnp.inf)}, "data"),
         ({"data": jnp.zeros((0, 2))}, "data"),
         ({"potential_fn": lambda p, x: x}, "potential_fn"),
-        ({"walker_batch_size": 0}, "walker_batch_size"),
         ({"mesh": "cpu"}, "mesh"),
+        ({"rng_key": 0}, "rng_key"),
+        ({"init_state": {"params": GOOD_PARAMS}}, "init_state"),
+        ({"step_size_adaptation": 0.7}, "step_size_adaptation"),
     ],
 )
 def test_bad_input_names_the_argument(kw, match):
@@ -159,9 +202,34 @@ def test_bad_input_names_the_argument(kw, match):
         fit(potential_fn, params, data, **args)
 
 
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        # the kernel settings fit took as keywords before live in the kernel objects
+        (lambda: jarzynski_ula.walker_kernel(0.1, ess_threshold=0.0), "ess_threshold"),
+        (lambda: jarzynski_ula.walker_kernel(0.1, ess_threshold=1.01), "ess_threshold"),
+        (lambda: jarzynski_ula.walker_kernel(0.1, num_steps=0), "num_steps"),
+        (lambda: jarzynski_ula.walker_kernel(0.0), "step_size"),
+        (lambda: jarzynski_ula.walker_kernel(0.1, resampling_fn="systematic"), "resampling_fn"),
+        (lambda: jarzynski_ula.walker_kernel(0.1, noise_dtype=jnp.int32), "noise_dtype"),
+        # the messages say `batch_size` (the build_kernel name) for `walker_batch_size`
+        (lambda: jarzynski_ula.walker_kernel(0.1, walker_batch_size=0), "batch_size"),
+        (lambda: ula.walker_kernel(0.1, walker_batch_size=0), "batch_size"),
+        (lambda: ula.walker_kernel(-0.1), "step_size"),
+        (lambda: cd.walker_kernel(0.1, restart_every=0), "restart_every"),
+        (lambda: adaptive_jarzynski_ula.walker_kernel(0.1, target_ess=1.0), "target_ess"),
+        (lambda: adaptive_jarzynski_ula.walker_kernel(0.1, max_substeps=0), "max_substeps"),
+        (lambda: step_size_adaptation(1.2), "target_acceptance"),
+    ],
+)
+def test_bad_kernel_settings_name_the_argument(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
 def test_adaptive_schedule_splits_a_huge_step_and_keeps_the_log_normalizer():
     """Learning rate 1 on the mean only (scale fixed, so log Z never changes): the first
-    step jumps the mean by |(3, 3)| = 4.2 walker widths. With schedule="adaptive" the move
+    step jumps the mean by |(3, 3)| = 4.2 walker widths. With the adaptive kernel the move
     is split into sub-steps and the Jarzynski log normaliser stays at its exact value 0
     within Monte Carlo error; the fixed schedule's ESS collapses on the same run."""
     data, params = small_problem(jnp.float32, n_data=400)
@@ -171,12 +239,15 @@ def test_adaptive_schedule_splits_a_huge_step_and_keeps_the_log_normalizer():
         {"mu": "mu", "log_scale": "log_scale"},
     )
     common = dict(
-        optimizer=optimizer, method="jarzynski", num_iterations=10, num_walkers=2000,
-        step_size=0.2, num_steps=5, rng_key=jax.random.key(3), warn_ess_floor=None,
+        optimizer=optimizer, num_iterations=10, num_walkers=2000,
+        rng_key=jax.random.key(3), callbacks=[cbs.DegeneracyCheck(ess_floor=None)],
         init_particles=lambda key, n: jax.random.normal(key, (n, 2)),
     )
-    adaptive = fit(u, params, data, schedule="adaptive", target_ess=0.5, max_substeps=50, **common)
-    fixed = fit(u, params, data, **common)
+    adaptive = fit(u, params, data, **common, kernel=adaptive_jarzynski_ula.walker_kernel(
+        0.2, num_steps=5, target_ess=0.5, max_substeps=50))
+    fixed = fit(u, params, data, **common, kernel=jarzynski_ula.walker_kernel(0.2, num_steps=5))
+    assert adaptive.method == "adaptive_jarzynski"
+    assert "num_substeps" not in fixed.trace
     assert adaptive.trace["num_substeps"][0] > 1
     assert fixed.trace["normalized_ess"][0] < 0.05
     assert adaptive.trace["normalized_ess"][0] > 10 * fixed.trace["normalized_ess"][0]
@@ -190,25 +261,26 @@ def test_adaptive_schedule_splits_a_huge_step_and_keeps_the_log_normalizer():
 def test_step_size_adaptation_in_fit_records_and_moves_the_step_size():
     result = run(
         "jarzynski", num_iterations=150, num_walkers=500, step_size=1.5,
-        adapt_step_size=True, target_acceptance=0.7, warn_ess_floor=None,
+        step_size_adaptation=step_size_adaptation(0.7),
+        callbacks=[cbs.DegeneracyCheck(ess_floor=None)],
     )
     steps = result.trace["step_size"]
     assert steps[0] == np.float32(1.5) and steps[-1] < 1.0
     assert abs(float(np.mean(result.trace["acceptance"][-50:])) - 0.7) < 0.1
+    assert float(result.train_state.step_size_state.step_size) < 1.0
 
 
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"schedule": "cosine"}, "schedule"),
-        ({"schedule": "adaptive", "target_ess": 1.0}, "target_ess"),
-        ({"schedule": "adaptive", "max_substeps": 0}, "max_substeps"),
-        ({"adapt_step_size": True, "target_acceptance": 1.2}, "target_acceptance"),
-        ({"schedule": "adaptive", "method": "pcd"}, "method"),
+        ({"step_size_adaptation": step_size_adaptation(0.7), "kernel": "pcd"}, "step_size_adaptation"),
+        ({"step_size_adaptation": step_size_adaptation(0.7), "kernel": "cd"}, "step_size_adaptation"),
+        ({"step_size_adaptation": "dual_averaging"}, "step_size_adaptation"),
+        ({"kernel": jarzynski_ula.walker_kernel(0.1)}, "step_size"),  # step_size given too
     ],
 )
-def test_schedule_bad_input_names_the_argument(kw, match):
-    with pytest.raises(ValueError, match=match):
+def test_adaptation_bad_input_names_the_argument(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
         run(num_iterations=2, **kw)
 
 
@@ -218,8 +290,8 @@ def test_schedule_bad_input_names_the_argument(kw, match):
 
 
 def test_same_seed_gives_bit_identical_results():
-    a = run("jarzynski", num_iterations=15, batch_size=50)
-    b = run("jarzynski", num_iterations=15, batch_size=50)
+    a = run("jarzynski", num_iterations=15, data_batch_size=50)
+    b = run("jarzynski", num_iterations=15, data_batch_size=50)
     for x, y in zip(jax.tree.leaves((a.params, a.state, a.trace)),
                     jax.tree.leaves((b.params, b.state, b.trace)), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -229,7 +301,7 @@ def test_all_walkers_non_finite_stops_with_the_last_good_params():
     """The energy is NaN everywhere once mu_0 > 1 (data mean 1.5 pulls it there): fit
     raises NonFiniteError naming the iteration; its result holds finite parameters from
     before the failure and the trace up to it."""
-    from numpyro_ebm import NonFiniteError
+    from numpyro_ebm import FitResult, NonFiniteError
 
     def bad_u(params, x):
         return u(params, x) + jnp.where(params["mu"][0] > 1.0, jnp.nan, 0.0)
@@ -239,8 +311,10 @@ def test_all_walkers_non_finite_stops_with_the_last_good_params():
         fit(bad_u, params, data, optimizer=optax.sgd(0.05), num_walkers=64, step_size=0.1,
             num_iterations=200, rng_key=jax.random.key(0), chunk_size=50)
     result = err.value.result
+    assert isinstance(result, FitResult)
     k = len(result.trace["grad_norm"])
     assert 0 < k < 200 and f"iteration {k}" in str(err.value)
+    assert int(result.train_state.iteration) == k
     assert float(result.params["mu"][0]) <= 1.0
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(result.params))
     assert np.all(np.isfinite(result.trace["grad_norm"]))
@@ -250,7 +324,8 @@ def test_diverging_energies_warn_with_advice():
     """PCD with SGD learning rate 10 on the mean: with the walker mean m lagging (ULA rate
     h = 0.1), (mu - xbar, m - xbar) evolves by [[1, -10], [0.1, 0.9]], whose eigenvalues
     have modulus sqrt(1.9) = 1.38: the oscillation grows ~1e5-fold in 40 iterations, the
-    energies explode, and one EnergyDivergenceWarning says so."""
+    energies explode, and one EnergyDivergenceWarning says so (DivergenceCheck, added by
+    fit by default); DivergenceCheck(math.inf) switches it off."""
     from numpyro_ebm import EnergyDivergenceWarning
 
     optimizer = optax.multi_transform(
@@ -260,11 +335,17 @@ def test_diverging_energies_warn_with_advice():
     with pytest.warns(EnergyDivergenceWarning, match="learning rate") as record:
         run("pcd", optimizer=optimizer, num_iterations=40, num_walkers=64)
     assert len([w for w in record if w.category is EnergyDivergenceWarning]) == 1
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run("pcd", optimizer=optimizer, num_iterations=40, num_walkers=64,
+            callbacks=[cbs.DivergenceCheck(math.inf)])
+    assert not [w for w in record if w.category is EnergyDivergenceWarning]
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="`factor`"):
+            cbs.DivergenceCheck(bad)
 
 
 def test_healthy_run_does_not_warn_about_divergence():
-    import warnings
-
     from numpyro_ebm import EnergyDivergenceWarning
 
     with warnings.catch_warnings(record=True) as record:
@@ -277,11 +358,11 @@ def test_healthy_run_does_not_warn_about_divergence():
 def _reference_loop(method, data, params, optimizer, num_walkers, step_size, num_iterations,
                     rng_key, cd_restart_every=1, ess_threshold=0.5):
     """fit's iteration written with the public pieces and no fusion: ce_grad at the walkers,
-    optax, then the kernel (or plain ULA moves for PCD/CD)."""
+    optax, then the kernel (jarzynski_ula.build_kernel, or the plain ULA moves of
+    ula.build_kernel for PCD/CD)."""
     from blackjax.smc import resampling
 
     from numpyro_ebm.estimators import ce_value_and_grad
-    from numpyro_ebm.jarzynski_ula import _build_kernel, init
 
     init_key, loop_key = jax.random.split(rng_key)
     n_data = data.shape[0]
@@ -289,9 +370,11 @@ def _reference_loop(method, data, params, optimizer, num_walkers, step_size, num
         particles = data[jax.random.randint(init_key, (num_walkers,), 0, n_data)]
     else:
         particles = jax.random.normal(init_key, (num_walkers, data.shape[1]), data.dtype)
-    state = init(particles, params, u)
-    kernel = _build_kernel(u, step_size, resampling.systematic, ess_threshold, 1,
-                           reweight=method == "jarzynski")
+    state = jarzynski_ula.init(particles, params, u)
+    if method == "jarzynski":
+        kernel = jarzynski_ula.build_kernel(u, step_size, resampling.systematic, ess_threshold, 1)
+    else:
+        kernel = ula.build_kernel(u, step_size, 1)
 
     @jax.jit
     def step(params, opt_state, state, k):
@@ -303,7 +386,7 @@ def _reference_loop(method, data, params, optimizer, num_walkers, step_size, num
         if method == "cd":
             idx = jax.random.randint(restart_key, (num_walkers,), 0, n_data)
             state = jax.lax.cond(k % cd_restart_every == 0,
-                                 lambda: init(data[idx], params, u), lambda: state)
+                                 lambda: jarzynski_ula.init(data[idx], params, u), lambda: state)
         state, info = kernel(move_key, state, params, step_size)
         return params, opt_state, state, info.resampled
 
@@ -322,11 +405,16 @@ def test_fused_evaluation_gives_the_unfused_results(method, x64):
     loop (ce_grad, then the kernel) to float64 rounding, resampling included."""
     data, params = small_problem(jnp.float64)
     opts = dict(optimizer=optax.sgd(0.05), num_walkers=64, step_size=0.3, num_iterations=12,
-                ess_threshold=0.9,
                 rng_key=jax.random.key(3))
     ref_params, ref_state, resampled = _reference_loop(method, data, params, **opts,
-                                                       cd_restart_every=4)
-    result = fit(u, params, data, method=method, cd_restart_every=4, **opts)
+                                                       cd_restart_every=4, ess_threshold=0.9)
+    kernel = {
+        "jarzynski": jarzynski_ula.walker_kernel(0.3, ess_threshold=0.9),
+        "pcd": ula.walker_kernel(0.3),
+        "cd": cd.walker_kernel(0.3, restart_every=4),
+    }[method]
+    opts.pop("step_size")
+    result = fit(u, params, data, kernel=kernel, **opts)
     if method == "jarzynski":
         assert resampled >= 2  # the resampled branch of the fused gradient is exercised
         assert int(result.trace["resampled"].sum()) == resampled
@@ -338,29 +426,39 @@ def test_fused_evaluation_gives_the_unfused_results(method, x64):
 
 
 def test_one_energy_evaluation_at_the_walkers_and_one_at_the_data_per_iteration():
-    """Tracing one training iteration calls the energy once for the data batch and once for
-    the walkers (the fused evaluation), for every method. Evaluations that run only under a
-    `lax.cond` are counted apart: CD's restart from data (every `cd_restart_every`
-    iterations) and the recomputation of the walker gradient when a walker's evaluation was
-    not finite."""
+    """Tracing one training step (``build_trainer(...).step``, the step ``fit`` runs) calls
+    the energy once for the data batch and once for the walkers (the fused evaluation),
+    for every kernel. Evaluations that run only under a `lax.cond` are counted apart: CD's
+    restart from data (every `restart_every` iterations) and the recomputation of the
+    walker gradient when a walker's evaluation was not finite (`keep_or_recompute`).
+    Shape-only traces (`jax.eval_shape` in the argument checks) do not count."""
     import inspect
 
+    from numpyro_ebm import build_trainer
+
     counts = {}
-    conditional = {"from_data", "recompute_at_kept_walkers"}
+    conditional = {"from_data", "keep_or_recompute"}
+    counting = []
 
     def counted(params, x):
-        frames = {f.function for f in inspect.stack(context=0)}
-        if "iteration_with_weights" in frames:
-            kind = next(iter(frames & conditional), "always")
-            counts.setdefault(method, {}).setdefault(kind, 0)
-            counts[method][kind] += 1
+        if counting:
+            frames = {f.function for f in inspect.stack(context=0)}
+            if "check_scalar_potential" not in frames:
+                kind = next(iter(frames & conditional), "always")
+                counts.setdefault(counting[0], {}).setdefault(kind, 0)
+                counts[counting[0]][kind] += 1
         return u(params, x)
 
     data, params = small_problem(jnp.float32)
+    walkers = jax.random.normal(jax.random.key(0), (16, 2))
     for method in ("jarzynski", "pcd", "cd"):
-        fit(counted, params, data, optimizer=optax.sgd(0.05), method=method, num_walkers=16,
-            step_size=0.1, num_iterations=2, rng_key=jax.random.key(0))
-    fallback = {"recompute_at_kept_walkers": 1}
+        kernel = KERNEL_MODULES[method].walker_kernel(0.1)
+        trainer = build_trainer(counted, optax.sgd(0.05), kernel)
+        state = trainer.init(params, walkers)
+        counting.append(method)
+        jax.jit(trainer.step).lower(jax.random.key(1), state, data)
+        counting.clear()
+    fallback = {"keep_or_recompute": 1}
     assert counts == {
         "jarzynski": {"always": 2, **fallback},
         "pcd": {"always": 2, **fallback},
@@ -368,12 +466,33 @@ def test_one_energy_evaluation_at_the_walkers_and_one_at_the_data_per_iteration(
     }
 
 
+def test_one_energy_evaluation_per_iteration_through_fit():
+    """The same count through ``fit``: the jitted chunk (a ``lax.scan`` of the step) traces
+    the energy once for the data and once for the walkers, plus the conditional
+    recomputation; outside the loop ``fit`` evaluates only at initialisation."""
+    import inspect
+
+    data, params = small_problem(jnp.float32)
+    counts = {}
+
+    def counted(params, x):
+        frames = {f.function for f in inspect.stack(context=0)}
+        if "one_iteration" in frames:
+            kind = "keep_or_recompute" if "keep_or_recompute" in frames else "always"
+            counts[kind] = counts.get(kind, 0) + 1
+        return u(params, x)
+
+    fit(counted, params, data, optimizer=optax.sgd(0.05), kernel="jarzynski", step_size=0.1,
+        num_walkers=16, num_iterations=2, rng_key=jax.random.key(0))
+    assert counts == {"always": 2, "keep_or_recompute": 1}
+
+
 def test_walker_batch_size_gives_the_same_results(x64):
     """Evaluating the walkers in chunks (a remainder chunk included) changes nothing but
     the memory."""
-    base = run("jarzynski", jnp.float64, num_iterations=20, num_walkers=100)
+    base = run("jarzynski", jnp.float64, num_iterations=20, num_walkers=100, kernel_kw={})
     chunked = run("jarzynski", jnp.float64, num_iterations=20, num_walkers=100,
-                  walker_batch_size=30)
+                  kernel_kw={"walker_batch_size": 30})
     for got, want in zip(jax.tree.leaves((chunked.params, chunked.state)),
                          jax.tree.leaves((base.params, base.state)), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)

@@ -93,14 +93,15 @@ def init(
 
 
 def check_kernel_args(
-    step_size, resampling_fn, ess_threshold, num_steps, batch_size=None, noise_dtype=None
+    step_size, resampling_fn, ess_threshold, num_steps, batch_size=None, noise_dtype=None,
+    batch_name="batch_size",
 ) -> int:
     """Validate the arguments the walker kernels share; returns ``num_steps``."""
     _checks.check_positive("step_size", step_size)
     if noise_dtype is not None:
         _checks.check_float_dtype("noise_dtype", noise_dtype)
     if batch_size is not None:
-        _checks.check_int_at_least("batch_size", batch_size, 1)
+        _checks.check_int_at_least(batch_name, batch_size, 1)
     _checks.check_fraction("ess_threshold", ess_threshold)
     if not callable(resampling_fn):
         raise TypeError("`resampling_fn` must be callable (rng_key, weights, num_samples)")
@@ -254,7 +255,8 @@ def walker_kernel(
     """Jarzynski-weighted walkers for the trainer
     (:func:`numpyro_ebm.training.build_trainer`): the method of the paper. Arguments as in
     :func:`build_kernel` (``walker_batch_size`` is its ``batch_size``)."""
-    check_kernel_args(step_size, resampling_fn, ess_threshold, num_steps, walker_batch_size, noise_dtype)
+    check_kernel_args(step_size, resampling_fn, ess_threshold, num_steps, walker_batch_size, noise_dtype,
+                      "walker_batch_size")
 
     def init_fn(potential_fn, particles, params):
         return init(particles, params, potential_fn, walker_batch_size)

@@ -46,12 +46,12 @@ def init(
     return state._replace(log_normalizer=jnp.full_like(state.log_normalizer, jnp.nan))
 
 
-def _check_args(step_size, num_steps, batch_size, noise_dtype) -> int:
+def _check_args(step_size, num_steps, batch_size, noise_dtype, batch_name="batch_size") -> int:
     _checks.check_positive("step_size", step_size)
     if noise_dtype is not None:
         _checks.check_float_dtype("noise_dtype", noise_dtype)
     if batch_size is not None:
-        _checks.check_int_at_least("batch_size", batch_size, 1)
+        _checks.check_int_at_least(batch_name, batch_size, 1)
     return _checks.check_int_at_least("num_steps", num_steps, 1)
 
 
@@ -137,7 +137,7 @@ def walker_kernel(
     noise_dtype: Any = None,
 ) -> WalkerKernel:
     """PCD walkers for the trainer: persistent, unweighted ULA chains."""
-    _check_args(step_size, num_steps, walker_batch_size, noise_dtype)
+    _check_args(step_size, num_steps, walker_batch_size, noise_dtype, "walker_batch_size")
 
     def init_fn(potential_fn, particles, params):
         return init(particles, params, potential_fn, walker_batch_size)

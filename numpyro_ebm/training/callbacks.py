@@ -77,7 +77,7 @@ class Snapshots:
     Host memory grows as ``num_iterations / every`` copies of the walkers."""
 
     def __init__(self, every: int):
-        self.snapshot_every = _checks.check_int_at_least("snapshot_every", every, 1)
+        self.snapshot_every = _checks.check_int_at_least("every", every, 1)
 
 
 class ParetoKhat:
@@ -113,10 +113,10 @@ class Checkpoint:
     def __init__(self, directory: str | os.PathLike, every: int | None = None, resume: bool = False,
                  metadata: dict[str, Any] | None = None):
         if every is not None:
-            _checks.check_int_at_least("checkpoint_every", every, 1)
+            _checks.check_int_at_least("every", every, 1)
         directory = os.fspath(directory)
         if os.path.exists(directory) and not os.path.isdir(directory):
-            raise NotADirectoryError(f"`checkpoint_dir` {directory!r} exists and is not a directory")
+            raise NotADirectoryError(f"Checkpoint `directory` {directory!r} exists and is not a directory")
         self.directory, self.every, self.resume = directory, every, resume
         self.metadata = dict(metadata or {})
         self._checkpointer = None
@@ -139,7 +139,7 @@ class Checkpoint:
                 return restored[1], restored[2]
         elif self._checkpointer.latest_iteration() is not None:
             raise ValueError(
-                f"`checkpoint_dir` {self.directory!r} already holds checkpoints: pass "
+                f"Checkpoint `directory` {self.directory!r} already holds checkpoints: pass "
                 "`resume=True` to continue that run, or choose another directory"
             )
         return None
@@ -222,11 +222,11 @@ class DegeneracyCheck:
 
     def __init__(self, ess_floor: float | None = 0.05, khat: float | None = 0.7, patience: int = 20):
         if ess_floor is not None:
-            _checks.check_fraction("warn_ess_floor", ess_floor)
+            _checks.check_fraction("ess_floor", ess_floor)
         if khat is not None and not math.isfinite(float(khat)):
-            raise ValueError(f"`warn_khat` must be finite, got {khat}")
+            raise ValueError(f"`khat` must be finite, got {khat}")
         self.ess_floor, self.khat = ess_floor, khat
-        self.patience = _checks.check_int_at_least("warn_patience", patience, 1)
+        self.patience = _checks.check_int_at_least("patience", patience, 1)
 
     def on_end(self, ctx: RunContext, result: RunResult):
         if "normalized_ess" not in result.trace:
@@ -245,11 +245,14 @@ class DegeneracyCheck:
 
 class DivergenceCheck:
     """After the run, one :class:`EnergyDivergenceWarning` when the largest walker energy
-    or the mean data energy exceeds ``factor`` times its size at the start (at least 1)."""
+    or the mean data energy exceeds ``factor`` times its size at the start (at least 1);
+    ``factor=math.inf`` switches the check off."""
 
     def __init__(self, factor: float = 1e4):
-        _checks.check_positive("divergence_factor", factor)
-        self.factor = float(factor)
+        factor = float(factor)
+        if math.isnan(factor) or factor <= 0:
+            raise ValueError(f"`factor` must be a number > 0 (math.inf switches the check off), got {factor}")
+        self.factor = factor
 
     def on_end(self, ctx: RunContext, result: RunResult):
         message = divergence_message(result.trace, self.factor)
