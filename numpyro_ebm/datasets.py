@@ -251,9 +251,13 @@ def read_idx(path: str | os.PathLike, *, max_bytes: int = 1 << 31) -> np.ndarray
         Largest data size the header may declare (default 2 GiB; MNIST's training images
         take 47 MB).
 
-    Raises ``FileNotFoundError`` when ``path`` does not exist and ``ValueError`` naming the
-    file when its header is malformed, declares more than ``max_bytes``, or the data are
-    shorter or longer than the header's dimensions give.
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist.
+    ValueError
+        Naming the file, when its header is malformed or declares more than ``max_bytes``,
+        or when the data are shorter or longer than the header's dimensions give.
     """
     path = Path(path)
     if not path.is_file():
