@@ -4,25 +4,66 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 __all__ = ["main"]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+def _int_at_least(minimum: int, maximum: int | None = None):
+    """An argparse ``type``: an integer in ``[minimum, maximum]`` (argparse names the option)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be an integer <= {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_seed = _int_at_least(-(2**63), 2**63 - 1)  # what jax.random.key takes
+
+
+def _finite_float(text: str, *, allow_zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        kind = "finite number >= 0" if allow_zero else "finite number > 0"
+        raise argparse.ArgumentTypeError(f"must be a {kind}, got {text!r}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return value
+    """An argparse ``type``: a finite number > 0 (``inf`` and ``nan`` are rejected)."""
+    return _finite_float(text, allow_zero=False)
+
+
+def _nonnegative_float(text: str) -> float:
+    """An argparse ``type``: a finite number >= 0."""
+    return _finite_float(text, allow_zero=True)
+
+
+def _check_output_dir(parser: argparse.ArgumentParser, path: str) -> None:
+    """Create ``path`` and write a scratch file in it, before any training: an unusable
+    output directory fails at once (exit 2, naming ``--output-dir``), not after the run."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        parser.error(f"argument --output-dir: cannot create or write to {path!r}: {err}")
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -39,7 +80,9 @@ def _add_training_options(
     p: argparse.ArgumentParser, d, *, output_dir: str, learning_rate_help: str, methods_help: str
 ) -> None:
     """Options every experiment command shares; defaults from its config ``d``."""
-    p.add_argument("--num-walkers", type=_positive_int, default=d.num_walkers, help="walkers (default %(default)s)")
+    p.add_argument(
+        "--num-walkers", type=_int_at_least(2), default=d.num_walkers, help="walkers, >= 2 (default %(default)s)"
+    )
     p.add_argument(
         "--num-iterations", type=_positive_int, default=d.num_iterations,
         help="training iterations (default %(default)s)",
@@ -53,7 +96,7 @@ def _add_training_options(
         help=f"{learning_rate_help} (default %(default)s)",
     )
     p.add_argument("--methods", type=_methods, default=d.methods, help=methods_help)
-    p.add_argument("--seed", type=int, default=d.seed, help="PRNG seed (default %(default)s)")
+    p.add_argument("--seed", type=_seed, default=d.seed, help="PRNG seed (default %(default)s)")
     p.add_argument(
         "--output-dir", default=output_dir,
         help="where the PNGs, JSON summary and table go (default %(default)s)",
@@ -203,7 +246,7 @@ def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
         methods_help="comma-separated subset of jarzynski,pcd,cd (default jarzynski,pcd)",
     )
     p.add_argument(
-        "--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay (default %(default)s)"
+        "--weight-decay", type=_nonnegative_float, default=d.weight_decay, help="SGD weight decay (default %(default)s)"
     )
     p.add_argument(
         "--clip-norm", type=_positive_float, default=d.clip_norm,
@@ -214,7 +257,7 @@ def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
         help="ULA moves per training iteration (default %(default)s)",
     )
     p.add_argument(
-        "--noise-std", type=float, default=d.noise_std,
+        "--noise-std", type=_nonnegative_float, default=d.noise_std,
         help="pixel noise of the fixed noisy copies of the training images, 0: none (default %(default)s)",
     )
     p.add_argument(
@@ -286,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_output_dir(parser, args.output_dir)
     if args.command == "gmm":
         return _run_gmm(args)
     if args.command in ("digits", "mnist"):

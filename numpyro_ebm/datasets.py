@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +40,7 @@ _IDX_DTYPES = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
+_CHUNK = 1 << 20  # bytes per read: memory grows with what the header declares, no faster
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,37 +206,80 @@ def _open_maybe_gzip(path: Path):
     return gzip.open(path, "rb") if head == b"\x1f\x8b" else open(path, "rb")
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
+def _read_exactly(fh, size: int, path: Path, what: str) -> bytes:
+    """``size`` bytes from ``fh``; ``ValueError`` naming ``path`` if the stream ends first."""
+    chunks, got = [], 0
+    while got < size:
+        chunk = fh.read(min(size - got, _CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    if got < size:
+        raise ValueError(f"malformed IDX file {path}: truncated {what} ({got} of {size} bytes)")
+    return b"".join(chunks)
+
+
+def _read_header(fh, path: Path) -> tuple[np.dtype, tuple[int, ...]]:
+    """Parse and validate the IDX header: magic ``00 00``, type code, dimensions."""
+    magic = _read_exactly(fh, 4, path, "header")
+    if magic[0] != 0 or magic[1] != 0:
+        raise ValueError(f"malformed IDX file {path}: bad magic number {magic.hex()}")
+    code, ndim = magic[2], magic[3]
+    if code not in _IDX_DTYPES:
+        raise ValueError(f"malformed IDX file {path}: unknown data type code 0x{code:02x}")
+    if ndim < 1:
+        raise ValueError(f"malformed IDX file {path}: header declares 0 dimensions")
+    dims = _read_exactly(fh, 4 * ndim, path, f"header ({ndim} dimensions)")
+    return _IDX_DTYPES[code], tuple(int(d) for d in np.frombuffer(dims, ">u4"))
+
+
+def read_idx(path: str | os.PathLike, *, max_bytes: int = 1 << 31) -> np.ndarray:
     """Read one IDX file (gzipped or not; detected from its first bytes) into an array.
 
-    Raises ``FileNotFoundError`` when ``path`` does not exist and ``ValueError`` naming the
-    file when its header or length is malformed.
+    The header (magic number, type code, dimensions :math:`d_1, \\dots, d_k`) is read
+    from the stream first; then exactly :math:`\\prod_j d_j` items of the declared type
+    are read, and one more byte to check that the data end there. A gzip file is thus
+    decompressed only as far as its header says, never beyond (a small gzip file cannot
+    make the reader decompress more than that).
+
+    Parameters
+    ----------
+    path
+        The file.
+    max_bytes
+        Largest data size the header may declare (default 2 GiB; MNIST's training images
+        take 47 MB).
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist.
+    ValueError
+        Naming the file, when its header is malformed or declares more than ``max_bytes``,
+        or when the data are shorter or longer than the header's dimensions give.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"IDX file not found: {path}")
     try:
         with _open_maybe_gzip(path) as fh:
-            raw = fh.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+            dtype, shape = _read_header(fh, path)
+            expected = math.prod(shape) * dtype.itemsize
+            if expected > max_bytes:
+                raise ValueError(
+                    f"IDX file {path}: header declares shape {shape} ({expected} bytes of "
+                    f"data), more than `max_bytes` ({max_bytes})"
+                )
+            raw = _read_exactly(fh, expected, path, f"data: header says shape {shape}")
+            if fh.read(1):
+                raise ValueError(
+                    f"malformed IDX file {path}: header says shape {shape} ({expected} bytes "
+                    "of data), the file holds more"
+                )
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         raise ValueError(f"cannot read IDX file {path}: {err}") from err
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"malformed IDX file {path}: bad magic number {raw[:4].hex()}")
-    code, ndim = raw[2], raw[3]
-    if code not in _IDX_DTYPES:
-        raise ValueError(f"malformed IDX file {path}: unknown data type code 0x{code:02x}")
-    if ndim < 1 or len(raw) < 4 + 4 * ndim:
-        raise ValueError(f"malformed IDX file {path}: truncated header ({ndim} dimensions)")
-    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
-    dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(shape)) * dtype.itemsize
-    body = len(raw) - 4 - 4 * ndim
-    if body != expected:
-        raise ValueError(
-            f"malformed IDX file {path}: header says shape {shape} ({expected} bytes of data), "
-            f"file holds {body} bytes"
-        )
-    return np.frombuffer(raw, dtype, offset=4 + 4 * ndim).reshape(shape).astype(dtype.newbyteorder("="))
+    return np.frombuffer(raw, dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def _find_idx(directory: Path, stem: str) -> Path:

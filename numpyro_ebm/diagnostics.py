@@ -29,6 +29,7 @@ training core does not import it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,10 +49,20 @@ __all__ = [
     "KHAT_THRESHOLD",
     "effective_sample_size",
     "pareto_khat",
+    "psis_tail_length",
+    "TooFewWalkersWarning",
     "to_datatree",
     "plot_training",
     "plot_samples",
 ]
+
+class TooFewWalkersWarning(UserWarning):
+    """Too few walkers of positive weight for ArviZ's Pareto tail fit: k-hat is NaN."""
+
+
+# ArviZ's PSIS raises for a tail of fewer than 5 draws, and its generalised-Pareto fit
+# returns NaN for 5 (the tail's first quartile is its minimum): 6 is the least that fits.
+_MIN_TAIL = 6
 
 KHAT_THRESHOLD = 0.7
 """Pareto :math:`\\hat k` above which importance weights are considered unreliable."""
@@ -69,6 +80,7 @@ _STAT_FIELDS = (
     "step_size",
 )
 _SAMPLE_DIMS = ["chain", "draw"]
+_ESS_YMAX = 1.35  # top of the ESS panel: the band above 1 is the legend's
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,13 +89,21 @@ _SAMPLE_DIMS = ["chain", "draw"]
 
 
 def _as_log_weights(log_weights: Any) -> np.ndarray:
+    """Log weights as float64, walker axis last; :math:`-\\infty` (weight 0) is allowed.
+
+    A state returned by training can hold walkers of weight zero (a move that produced a
+    non-finite position or energy gets :math:`\\log w_i = -\\infty`). NaN and
+    :math:`+\\infty` are rejected, and so is a row in which every weight is zero.
+    """
     lw = np.asarray(log_weights, dtype=np.float64)
     if lw.ndim == 0:
         raise ValueError("`log_weights` must have a walker axis (the last), got a scalar")
     if lw.shape[-1] < 2:
         raise ValueError(f"`log_weights` needs at least 2 walkers, got {lw.shape[-1]}")
-    if not np.all(np.isfinite(lw)):
-        raise ValueError("`log_weights` contains non-finite values (NaN or inf)")
+    if np.any(np.isnan(lw) | (lw == np.inf)):
+        raise ValueError("`log_weights` contains non-finite values (NaN or +inf)")
+    if not np.all(np.any(np.isfinite(lw), axis=-1)):
+        raise ValueError("`log_weights` has a row where every weight is zero (all -inf)")
     return lw
 
 
@@ -101,6 +121,36 @@ def effective_sample_size(log_weights: Any) -> np.ndarray | float:
     return float(out) if out.ndim == 0 else out
 
 
+def psis_tail_length(num_draws: int, r_eff: float = 1.0) -> int:
+    """Number of largest weights PSIS fits the Pareto tail to (ArviZ's rule, right tail):
+
+    .. math:: M = \\lfloor 3 \\sqrt{n / r_{\\text{eff}}} \\rfloor \\text{ if } n r_{\\text{eff}} > 225,
+              \\qquad M = \\lfloor n / 5 \\rfloor \\text{ otherwise.}
+
+    The fit needs :math:`M \\ge 6` (ArviZ raises for :math:`M < 5`, its generalised-Pareto
+    fit gives NaN for :math:`M = 5`), i.e. :math:`n \\ge 30` positive weights for
+    :math:`r_{\\text{eff}} = 1`.
+    """
+    if num_draws * r_eff > 225:
+        return int(math.floor(3 * math.sqrt(num_draws / r_eff)))
+    return int(num_draws // 5)
+
+
+def _row_khat(row: np.ndarray, r_eff: float) -> float | None:
+    """k-hat of one row of log weights; NaN without a tail; None when too few walkers."""
+    row = row[np.isfinite(row)]  # -inf: weight 0, no part of the tail
+    tail_length = psis_tail_length(row.size, r_eff)
+    if tail_length < _MIN_TAIL:
+        return None
+    tail = np.sort(row)[-tail_length:]
+    if np.ptp(tail) <= 1e-12 * max(1.0, float(np.max(np.abs(tail)))):
+        return math.nan  # equal largest weights (e.g. just after resampling): no tail
+    # ArviZ's psislw takes negated log ratios (the log-likelihood convention of
+    # PSIS-LOO, where the ratios are 1 / p(y_i | theta)): pass -a to fit the tail of e^a.
+    _, khat = array_stats.psislw(-row, r_eff=float(r_eff))
+    return float(khat)
+
+
 def pareto_khat(log_weights: Any, *, r_eff: float = 1.0) -> np.ndarray | float:
     """Pareto :math:`\\hat k` of importance weights :math:`w_i \\propto e^{a_i}`, by ArviZ's PSIS.
 
@@ -115,28 +165,46 @@ def pareto_khat(log_weights: Any, *, r_eff: float = 1.0) -> np.ndarray | float:
     ----------
     log_weights
         Log weights, normalised or not (shift-invariant); the last axis is the walker
-        axis, leading axes are a batch (e.g. snapshots).
+        axis, leading axes are a batch (e.g. snapshots). Entries :math:`-\\infty` are
+        walkers of weight 0 (as training leaves walkers whose move was not finite); they
+        are dropped before the fit. NaN or :math:`+\\infty` raise ``ValueError``.
     r_eff
         Relative efficiency of the draws (ESS / N of the walkers as a sample, before
-        weighting); 1 for independent walkers. It sets the tail length PSIS uses.
+        weighting); 1 for independent walkers. It sets the tail length PSIS uses
+        (:func:`psis_tail_length`).
 
     Returns
     -------
-    A float for a 1-D input, else an array over the batch axes. NaN where all the weights
-    are equal (e.g. just after resampling): there is no tail to fit.
+    A float for a 1-D input, else an array over the batch axes. NaN where the largest
+    weights are all equal (e.g. just after resampling): there is no tail to fit; and NaN
+    where there are too few walkers of positive weight for the fit (fewer than 30 for
+    ``r_eff=1``).
+
+    Warns
+    -----
+    TooFewWalkersWarning
+        When some row has fewer positive weights than the Pareto fit needs (its tail
+        of :func:`psis_tail_length` weights must hold at least 6); those rows are NaN.
     """
     lw = _as_log_weights(log_weights)
     if not (isinstance(r_eff, int | float) and math.isfinite(r_eff) and r_eff > 0):
         raise ValueError(f"`r_eff` must be a finite number > 0, got {r_eff!r}")
     out = np.full(lw.shape[:-1], np.nan)
+    too_few = 0
     for idx in np.ndindex(*lw.shape[:-1]):
-        row = lw[idx]
-        if np.ptp(row) <= 1e-12 * max(1.0, float(np.max(np.abs(row)))):
-            continue
-        # ArviZ's psislw takes negated log ratios (the log-likelihood convention of
-        # PSIS-LOO, where the ratios are 1 / p(y_i | theta)): pass -a to fit the tail of e^a.
-        _, khat = array_stats.psislw(-row, r_eff=float(r_eff))
-        out[idx] = float(khat)
+        khat = _row_khat(lw[idx], float(r_eff))
+        if khat is None:
+            too_few += 1
+        else:
+            out[idx] = khat
+    if too_few:
+        warnings.warn(
+            f"pareto_khat: {too_few} row(s) of `log_weights` have too few walkers of positive "
+            f"weight for the Pareto tail fit (the tail must hold >= {_MIN_TAIL} weights; "
+            "30 walkers for r_eff = 1); k-hat is NaN there",
+            TooFewWalkersWarning,
+            stacklevel=2,
+        )
     return float(out) if out.ndim == 0 else out
 
 
@@ -336,7 +404,12 @@ def plot_training(
         What :func:`numpyro_ebm.fit` returned.
     exact_cross_entropy
         Optional exact cross-entropy per iteration, shape ``(num_iterations,)`` (e.g. from
-        a closed-form :math:`\\log Z_\\theta`), or one number (a reference level).
+        a closed-form :math:`\\log Z_\\theta`): the curve the estimate should follow. One
+        number is drawn as a dotted horizontal line labelled "exact CE (constant)": a
+        fixed reference level (e.g. the data's entropy, the lower bound of the
+        cross-entropy), not a per-iteration target; the cross-entropy of a model that
+        changes during training is not constant, so pass the per-iteration values to
+        compare the estimate with the truth.
     path
         Where to save the figure (PNG by extension); ``None``: do not save.
 
@@ -349,9 +422,11 @@ def plot_training(
     num_iterations = len(trace["grad_norm"])
     it = np.arange(num_iterations)
     exact = None
+    exact_is_constant = False
     if exact_cross_entropy is not None:
         exact = np.asarray(exact_cross_entropy, dtype=np.float64)
         if exact.ndim == 0:
+            exact_is_constant = True
             exact = np.full(num_iterations, float(exact))
         if exact.shape != (num_iterations,):
             raise ValueError(
@@ -368,9 +443,13 @@ def plot_training(
             if events.size:
                 ax.plot(events, np.zeros(events.size), "|", color="C3", ms=8,
                         label=f"resampled ({events.size})")
-            ax.set_ylim(-0.05, 1.05)
+            # headroom above ESS/N = 1 holds the legend: it covers neither the curve nor
+            # the resampling ticks at 0
+            ax.set_ylim(-0.05, _ESS_YMAX)
+            ax.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0])
             ax.set_ylabel("normalised ESS (before resampling)")
-            ax.legend(fontsize=7, loc="lower left")
+            ax.legend(fontsize=7, loc="upper center", ncols=2, framealpha=0.9,
+                      borderaxespad=0.2)
 
         panels.append(("Effective sample size", ess_panel))
     if "max_weight" in trace:
@@ -394,7 +473,8 @@ def plot_training(
 
         def ce_panel(ax):
             if exact is not None:
-                ax.plot(it, exact, lw=1.2, color="k", label="exact")
+                ax.plot(it, exact, lw=1.2, color="k", ls=":" if exact_is_constant else "-",
+                        label="exact CE (constant)" if exact_is_constant else "exact CE")
             if "cross_entropy" in trace:
                 ax.plot(it, trace["cross_entropy"], lw=1, ls="--", color="C0",
                         label="Jarzynski estimate")

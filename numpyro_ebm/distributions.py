@@ -31,6 +31,25 @@ def _default_support(event_dim: int) -> constraints.Constraint:
     return constraints.independent(constraints.real, event_dim)
 
 
+def _check_log_weights(log_weights: Any) -> None:
+    """Log weights must be finite or :math:`-\\infty` (weight 0), with one weight > 0.
+
+    A NaN (e.g. from a diverged run) would make ``jax.random.categorical`` draw one walker
+    over and over; :math:`+\\infty` is not a weight either. Skipped for traced values.
+    """
+    if not _checks.is_concrete(log_weights):
+        return
+    lw = np.asarray(log_weights, dtype=np.float64)
+    bad = int(np.count_nonzero(np.isnan(lw) | (lw == np.inf)))
+    if bad:
+        raise ValueError(
+            f"`log_weights` contains {bad} NaN or +inf value(s) out of {lw.size}: they are not "
+            "weights (a diverged run?); -inf is allowed and means weight 0"
+        )
+    if lw.size and not np.any(np.isfinite(lw)):
+        raise ValueError("`log_weights` are all -inf: every walker has weight 0")
+
+
 class EnergyBased(Distribution):
     r"""The energy-based model :math:`\rho_\theta(x) = e^{-U_\theta(x)} / Z_\theta`.
 
@@ -51,6 +70,8 @@ class EnergyBased(Distribution):
         Walkers, shape ``(num_walkers, *event_shape)``; needed by :meth:`sample`.
     log_weights
         Their log weights, shape ``(num_walkers,)`` (normalised or not; ``None``: equal).
+        :math:`-\\infty` means weight 0; NaN or :math:`+\\infty` raise ``ValueError``, as
+        do weights that are all zero.
     event_shape
         Shape of one sample; default ``particles.shape[1:]``. Required without particles.
     support
@@ -102,6 +123,8 @@ class EnergyBased(Distribution):
                     f"`log_weights` must have shape ({n},) to match `particles`, got "
                     f"{tuple(jnp.shape(log_weights))}"
                 )
+            if log_weights is not None:
+                _check_log_weights(log_weights)
         elif log_weights is not None:
             raise ValueError("`log_weights` given without `particles`")
         if event_shape is None:

@@ -21,6 +21,7 @@ weights, are samples of :math:`\rho_\theta`.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -35,7 +36,14 @@ from numpyro_ebm.jarzynski_ula import (
     init,
 )
 
-__all__ = ["LogNormalizerEstimate", "estimate_log_normalizer"]
+__all__ = ["ImproperEnergyWarning", "LogNormalizerEstimate", "estimate_log_normalizer"]
+
+_RAY_SCALES = (1e2, 1e4)  # the outward check looks at m + c (x - m) for these c
+
+
+class ImproperEnergyWarning(RuntimeWarning):
+    """The energy may not be normalisable (:math:`Z_\\theta = \\infty`): a log-normaliser
+    estimate is then a finite number that means nothing."""
 
 
 class LogNormalizerEstimate(NamedTuple):
@@ -83,6 +91,68 @@ def _gaussian_base(base_mean, base_scale, data, event_shape, dtype):
     if _checks.is_concrete(scale) and not bool(jnp.all(scale > 0)):
         raise ValueError("`base_scale` must be > 0 in every coordinate")
     return mean, scale
+
+
+def _outward_log_mass_ratio(potential_fn, params, particles, mean, c: float) -> jax.Array:
+    """:math:`d \\log c - (U(m + c (x - m)) - U(x))` per walker (see
+    :func:`_warn_if_improper`); NaN where an energy is NaN."""
+    d = math.prod(mean.shape)
+
+    def one(x):
+        far = mean + c * (x - mean)
+        return d * math.log(c) - (potential_fn(params, far) - potential_fn(params, x))
+
+    batch = particles.shape[: particles.ndim - mean.ndim]  # (repeats, walkers)
+    flat = particles.reshape((-1, *mean.shape))
+    return jax.jit(jax.vmap(one))(flat).reshape(batch)
+
+
+def _warn_if_improper(potential_fn, params, states: JarzynskiState, estimates, mean) -> None:
+    r"""Warn (:class:`ImproperEnergyWarning`) when :math:`e^{-U_\theta}` looks non-integrable.
+
+    Two signs. (1) An estimate is not finite. (2) The mass does not decay outward along
+    the walkers: for a walker :math:`x`, the base mean :math:`m` and :math:`y = m + c(x -
+    m)`, a small neighbourhood :math:`A` of :math:`x` and its image :math:`m + c(A - m)`
+    (volume :math:`c^d` times larger) have masses in the ratio
+
+    .. math:: r_c(x) = c^d e^{-U(y)} / e^{-U(x)}, \qquad
+              \log r_c(x) = d \log c - (U(y) - U(x)).
+
+    If :math:`e^{-U}` is integrable, the masses of the images for
+    :math:`c = c_0, c_0^2, \dots` are summable, so :math:`r_c < 1` for large :math:`c`
+    along the directions that carry mass. A flat energy (:math:`U = 0`: :math:`\log r_c = d
+    \log c`), one bounded above at infinity, or one unbounded below (:math:`U = -|x|^2`)
+    has :math:`\log r_c \ge 0` everywhere. The warning fires when
+    :math:`\log r_c(x^i) \ge 0` at both :math:`c = 10^2` and :math:`c = 10^4` for walkers
+    carrying at least half of the (final, normalised) weight, averaged over the repeats.
+    It is a check on finitely many rays, not a proof: it tests what the walkers see.
+    """
+    if not (_checks.is_concrete(estimates) and _checks.is_concrete(states.particles)):
+        return
+    if not bool(jnp.all(jnp.isfinite(estimates))):
+        warnings.warn(
+            f"estimate_log_normalizer: non-finite log Z estimate(s) {np.asarray(estimates)}: "
+            "the walkers ran away; the energy may not be normalisable (Z = infinity)",
+            ImproperEnergyWarning,
+            stacklevel=3,
+        )
+        return
+    flat = [_outward_log_mass_ratio(potential_fn, params, states.particles, mean, c)
+            for c in _RAY_SCALES]
+    not_decaying = jnp.all(jnp.stack([f >= 0 for f in flat]), axis=0)
+    weights = jax.nn.softmax(states.log_weights, axis=-1)
+    fraction = float(jnp.mean(jnp.sum(jnp.where(not_decaying, weights, 0.0), axis=-1)))
+    if fraction >= 0.5:
+        warnings.warn(
+            f"estimate_log_normalizer: the energy may not be normalisable (Z = infinity): "
+            f"along the walkers carrying {fraction:.0%} of the weight, exp(-U) does not "
+            "decay outward faster than the volume grows (U(m + c (x - m)) - U(x) <= "
+            f"d log c at c = {_RAY_SCALES[0]:g} and {_RAY_SCALES[1]:g}); the estimate "
+            f"{float(jnp.mean(estimates)):.4g} is then meaningless. A proper energy grows at "
+            "infinity (e.g. add a weak quadratic term 0.5 |x|^2 / s^2)",
+            ImproperEnergyWarning,
+            stacklevel=3,
+        )
 
 
 def estimate_log_normalizer(
@@ -135,6 +205,16 @@ def estimate_log_normalizer(
         Independent repeats (``lax.map``), for the standard error.
     dtype
         Floating dtype of the walkers (default: that of ``data``, else JAX's default).
+
+    Warns
+    -----
+    ImproperEnergyWarning
+        When the energy looks non-normalisable (:math:`\\int e^{-U_\\theta} = \\infty`,
+        e.g. :math:`U = 0` or :math:`U = -|x|^2`), where any finite estimate is
+        meaningless: an estimate is not finite, or :math:`e^{-U_\\theta}` does not decay
+        outward along the final walkers (see ``_warn_if_improper``). The check only
+        evaluates :math:`U_\\theta` at the walkers and at points further out; the
+        returned numbers are those without it.
     """
     if base != "gaussian":
         raise ValueError(f"`base` must be 'gaussian', got {base!r}")
@@ -153,6 +233,7 @@ def estimate_log_normalizer(
         raise ValueError("`event_shape` is required when no `data` is given")
     event_shape = tuple(event_shape)
     dtype = jnp.dtype(dtype or jnp.zeros(()).dtype)
+    params = jax.tree.map(jnp.asarray, params)  # Python numbers too (the path needs .dtype)
     mean, scale = _gaussian_base(base_mean, base_scale, data, event_shape, dtype)
     if step_size is None:
         step_size = 0.02 * float(jnp.min(scale)) ** 2
@@ -188,6 +269,7 @@ def estimate_log_normalizer(
         jnp.arange(num_repeats)
     )
     estimates = log_z_base + states.log_normalizer
+    _warn_if_improper(potential_fn, params, states, estimates, mean)
     mean_est = jnp.mean(estimates)
     stderr = (
         jnp.std(estimates, ddof=1) / math.sqrt(num_repeats) if num_repeats > 1 else jnp.nan

@@ -319,6 +319,36 @@ class NumPyroPotential:
         return sum((log_probs[k] for k in self.latent_names), start=jnp.zeros(()))
 
 
+def _observed_data_model(model: Callable, tr: dict, data_site: str) -> tuple[tuple, Callable]:
+    """Event shape of the data site and a model in which that site is observed.
+
+    With a placeholder observation the model is returned as it is. Written the NumPyro
+    way (``obs=x`` with ``x=None``), the site is latent in the trace ``tr`` and its value
+    is a prior draw (by the init strategy); its shape is the event shape, and the model
+    is conditioned (``numpyro.handlers.condition``) on a zero placeholder of that shape,
+    which the energy then replaces by each sample (``substitute``).
+    """
+    from numpyro import handlers
+
+    if data_site not in tr:
+        raise ValueError(
+            f"`data_site`: the model has no site named {data_site!r} (sites: {list(tr)})"
+        )
+    site = tr[data_site]
+    if site["type"] != "sample":
+        raise ValueError(
+            f"`data_site`: site {data_site!r} must be a numpyro.sample site (the data point, "
+            f"observed or with `obs=None`), got a {site['type']!r} site"
+        )
+    value = jnp.asarray(site["value"])
+    if site["is_observed"]:
+        return tuple(value.shape), model
+    if site["fn"].support.is_discrete:
+        raise ValueError(f"`data_site`: site {data_site!r} is discrete; only continuous data supported")
+    placeholder = jnp.zeros(value.shape, value.dtype)
+    return tuple(value.shape), handlers.condition(model, data={data_site: placeholder})
+
+
 def from_numpyro(
     model: Callable,
     *model_args: Any,
@@ -328,12 +358,16 @@ def from_numpyro(
 ) -> tuple[NumPyroPotential, dict]:
     r"""Turn a NumPyro model of ONE data point into ``(potential_fn, params)``.
 
-    ``model(*model_args, **model_kwargs)`` describes one data point :math:`x`: it has an
-    observed sample site named ``data_site`` (its observed value in ``model_args`` /
-    ``model_kwargs`` is only a placeholder fixing the shape of :math:`x`; the library
-    substitutes each sample), ``numpyro.param`` sites, and optionally ``numpyro.factor``
-    sites and latent ``numpyro.sample`` sites (priors over parameters). The model is read
-    with ``numpyro.handlers`` (``seed``, ``trace``, ``substitute``) and
+    ``model(*model_args, **model_kwargs)`` describes one data point :math:`x`: it has a
+    sample site named ``data_site``, ``numpyro.param`` sites, and optionally
+    ``numpyro.factor`` sites and latent ``numpyro.sample`` sites (priors over parameters).
+    The data site may be written the NumPyro way, ``def model(x=None): ...
+    numpyro.sample("x", d, obs=x)``, and the model passed without data: the shape of
+    :math:`x` is then that of a draw of the site (by ``init_strategy``, from ``d``) and
+    the site is conditioned on (``numpyro.handlers.condition``). An observed value passed
+    in ``model_args`` / ``model_kwargs`` also works: it is only a placeholder fixing the
+    shape of :math:`x`. Either way the library substitutes each sample. The model is read
+    with ``numpyro.handlers`` (``seed``, ``trace``, ``substitute``, ``condition``) and
     ``numpyro.infer.util`` (``constrain_fn``/``unconstrain_fn``).
 
     The energy (see :class:`NumPyroPotential`) is minus the log density of the observed
@@ -365,7 +399,7 @@ def from_numpyro(
     Errors
     ------
     ``ValueError`` when the model has no ``numpyro.param`` or latent sample site, has no
-    site named ``data_site``, or that site is not observed.
+    site named ``data_site``, or that site is not a (continuous) ``numpyro.sample`` site.
     """
     from numpyro import handlers
     from numpyro.infer import init_to_median
@@ -379,20 +413,11 @@ def from_numpyro(
         raise TypeError("`init_strategy` must be a NumPyro init strategy (callable)")
     seeded = handlers.substitute(handlers.seed(model, 0), substitute_fn=init_strategy)
     tr = handlers.trace(seeded).get_trace(*model_args, **model_kwargs)
-    if data_site not in tr:
-        raise ValueError(
-            f"`data_site`: the model has no site named {data_site!r} (sites: {list(tr)})"
-        )
-    site = tr[data_site]
-    if site["type"] != "sample" or not site["is_observed"]:
-        raise ValueError(
-            f"`data_site`: site {data_site!r} must be an observed numpyro.sample site "
-            "(pass a placeholder value of one data point as `obs`)"
-        )
-    event_shape = tuple(jnp.shape(site["value"]))
+    event_shape, model = _observed_data_model(model, tr, data_site)
     param_names = tuple(k for k, s in tr.items() if s["type"] == "param")
     latent_names = tuple(
-        k for k, s in tr.items() if s["type"] == "sample" and not s["is_observed"]
+        k for k, s in tr.items()
+        if s["type"] == "sample" and not s["is_observed"] and k != data_site
     )
     if not param_names and not latent_names:
         raise ValueError(

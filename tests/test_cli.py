@@ -1,6 +1,7 @@
 """The command line: `numpyro-ebm gmm` at a tiny size prints the table and saves files."""
 
 import json
+import os
 
 import pytest
 
@@ -38,3 +39,70 @@ def test_gmm_command_rejects_bad_options(argv, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert argv[1].lstrip("-").split("-")[0] in err.replace("_", "-")
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["gmm", "--num-walkers", "1"], "--num-walkers"),
+        (["gmm", "--num-walkers", "many"], "--num-walkers"),
+        (["gmm", "--step-size", "inf"], "--step-size"),
+        (["gmm", "--step-size", "nan"], "--step-size"),
+        (["gmm", "--learning-rate", "1e999"], "--learning-rate"),
+        (["gmm", "--logit-learning-rate", "-inf"], "--logit-learning-rate"),
+        (["gmm", "--seed", str(2**70)], "--seed"),
+        (["digits", "--weight-decay", "nan"], "--weight-decay"),
+        (["digits", "--weight-decay", "-0.1"], "--weight-decay"),
+        (["digits", "--noise-std", "inf"], "--noise-std"),
+        (["digits", "--clip-norm", "inf"], "--clip-norm"),
+        (["digits", "--num-walkers", "1"], "--num-walkers"),
+    ],
+)
+def test_numeric_options_are_checked_at_parse_time(argv, option, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {option}: " in err
+    assert "Traceback" not in err
+
+
+def _no_training(monkeypatch):
+    from numpyro_ebm.experiments import digits, gmm
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(gmm, "run", refuse)
+    monkeypatch.setattr(digits, "run", refuse)
+    monkeypatch.setattr(digits, "load_data", refuse)
+
+
+@pytest.mark.parametrize("command", ["gmm", "digits"])
+def test_unusable_output_dir_fails_before_training(command, tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for bad in (blocker, blocker / "sub"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([command, "--output-dir", str(bad), "--no-progress"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "error: argument --output-dir: cannot create or write" in err
+        assert str(bad) in err
+    if os.geteuid() != 0:  # root writes anywhere: a read-only directory only stops others
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(SystemExit) as exc:
+            cli.main([command, "--output-dir", str(locked / "out"), "--no-progress"])
+        assert exc.value.code == 2
+        assert "--output-dir" in capsys.readouterr().err
+
+
+def test_output_dir_is_created_before_training(tmp_path, monkeypatch):
+    _no_training(monkeypatch)
+    out = tmp_path / "new" / "nested"
+    with pytest.raises(AssertionError, match="training started"):
+        cli.main(["gmm", "--output-dir", str(out), "--no-progress"])
+    assert out.is_dir()

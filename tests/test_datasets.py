@@ -2,6 +2,7 @@
 
 import gzip
 import struct
+import tracemalloc
 from pathlib import Path
 
 import jax
@@ -147,3 +148,60 @@ def test_load_mnist_shared_test_set():
     # the MNIST test set holds 1032/1010/958 images of 2/3/6
     assert np.bincount(subset.rest_labels, minlength=10)[[2, 3, 6]].tolist() == [232, 610, 758]
     assert subset.images.min() == -1.0 and subset.images.max() == 1.0
+
+
+def _idx_header(shape, code=0x08) -> bytes:
+    return struct.pack(">BBBB", 0, 0, code, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
+
+
+def test_read_idx_gzip_bomb_is_not_decompressed(tmp_path):
+    """A small gzip whose header declares 10 bytes but whose payload is 64 MB of zeros:
+    the reader stops after the declared size (+1 byte), so it neither decompresses the
+    payload nor allocates it, and names the file."""
+    payload = 64 << 20
+    bomb = tmp_path / "bomb-idx1-ubyte.gz"
+    with gzip.open(bomb, "wb", compresslevel=9) as fh:
+        fh.write(_idx_header((10,)))
+        zeros = bytes(1 << 20)
+        for _ in range(payload >> 20):
+            fh.write(zeros)
+    assert bomb.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"bomb-idx1-ubyte\.gz.*holds more"):
+            datasets.read_idx(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"peak allocation {peak / 2**20:.1f} MB while reading the header"
+
+
+def test_read_idx_truncated_and_oversized_headers(tmp_path):
+    data = np.arange(60, dtype=np.uint8)
+    # header claims (10, 10) = 100 bytes, the stream holds 60: gzipped and raw
+    short = _idx_header((10, 10)) + data.tobytes()
+    (tmp_path / "short-idx2-ubyte.gz").write_bytes(gzip.compress(short))
+    (tmp_path / "short-idx2-ubyte").write_bytes(short)
+    for name in ("short-idx2-ubyte.gz", "short-idx2-ubyte"):
+        with pytest.raises(ValueError, match=rf"{name}.*truncated data.*60 of 100 bytes"):
+            datasets.read_idx(tmp_path / name)
+    # a gzip stream cut in the middle (no end-of-stream marker)
+    cut = gzip.compress(_idx_header((6, 10)) + np.random.default_rng(0).bytes(60))[:-12]
+    (tmp_path / "cut-idx2-ubyte.gz").write_bytes(cut)
+    with pytest.raises(ValueError, match=r"cut-idx2-ubyte\.gz"):
+        datasets.read_idx(tmp_path / "cut-idx2-ubyte.gz")
+    # the header itself cut short
+    (tmp_path / "head-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_header((2, 3, 4))[:9]))
+    with pytest.raises(ValueError, match=r"head-idx3-ubyte\.gz.*truncated header"):
+        datasets.read_idx(tmp_path / "head-idx3-ubyte.gz")
+    # a header declaring more than max_bytes is rejected before any data is read
+    (tmp_path / "big-idx2-ubyte").write_bytes(_idx_header((1000, 1000)) + bytes(10))
+    with pytest.raises(ValueError, match=r"big-idx2-ubyte.*`max_bytes`"):
+        datasets.read_idx(tmp_path / "big-idx2-ubyte", max_bytes=10_000)
+    # exact files still read, the big-endian types included
+    exact = _idx_header((6, 10)) + data.tobytes()
+    (tmp_path / "ok-idx2-ubyte.gz").write_bytes(gzip.compress(exact))
+    np.testing.assert_array_equal(datasets.read_idx(tmp_path / "ok-idx2-ubyte.gz"), data.reshape(6, 10))
+    floats = np.linspace(-1, 1, 6).astype(">f4")
+    (tmp_path / "f-idx1").write_bytes(_idx_header((6,), code=0x0D) + floats.tobytes())
+    np.testing.assert_array_equal(datasets.read_idx(tmp_path / "f-idx1"), floats.astype(np.float32))

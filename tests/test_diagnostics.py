@@ -138,6 +138,71 @@ def test_pareto_khat_rejects_bad_input(bad, match):
         dg.pareto_khat(bad)
 
 
+def test_pareto_khat_zero_weights_are_dropped():
+    """-inf log weights (walkers of weight 0, as training leaves them) do not enter the fit:
+    k-hat and the ESS equal those of the positive weights alone."""
+    rng = np.random.default_rng(3)
+    positive = np.log1p(rng.pareto(1.5, size=300))
+    lw = np.concatenate([positive, np.full(20, -np.inf)])
+    rng.shuffle(lw)
+    assert dg.pareto_khat(lw) == pytest.approx(dg.pareto_khat(positive), abs=1e-12)
+    assert math.isfinite(dg.pareto_khat(lw))
+    assert dg.effective_sample_size(lw) == pytest.approx(dg.effective_sample_size(positive))
+    with pytest.raises(ValueError, match="every weight is zero"):
+        dg.pareto_khat(np.full(40, -np.inf))
+    with pytest.raises(ValueError, match=r"\(NaN or \+inf\)"):
+        dg.pareto_khat(np.r_[0.0, np.inf, 1.0])
+
+
+def test_pareto_khat_too_few_walkers_is_nan_with_warning():
+    rng = np.random.default_rng(4)
+    lw = rng.normal(size=(3, 16))
+    with pytest.warns(dg.TooFewWalkersWarning, match="too few walkers"):
+        khat = dg.pareto_khat(lw)
+    assert khat.shape == (3,) and np.isnan(khat).all()
+    # 40 walkers of which 12 have weight 0: 28 positive weights, too few as well
+    lw40 = rng.normal(size=40)
+    lw40[:12] = -np.inf
+    with pytest.warns(dg.TooFewWalkersWarning):
+        assert math.isnan(dg.pareto_khat(lw40))
+    # the boundary follows ArviZ's tail rule: 30 positive weights fit, without a warning
+    assert dg.psis_tail_length(29) == 5 and dg.psis_tail_length(30) == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isfinite(dg.pareto_khat(rng.normal(size=30)))
+
+
+def test_datatree_and_plots_accept_16_walkers_with_zero_weights(tmp_path):
+    """A 16-walker run whose state and snapshots hold walkers of weight 0 (-inf)."""
+    data = jax.random.normal(jax.random.key(1), (100, 2)) + 1.0
+    result = fit(
+        gaussian_potential, {"mu": jnp.zeros(2)}, data, optimizer=optax.sgd(0.05),
+        num_walkers=16, step_size=0.1, num_iterations=10, rng_key=jax.random.key(0),
+        snapshot_every=5,
+    )
+    snaps = dict(result.trace["snapshots"])
+    for name in ("log_weights", "log_weights_before_resampling"):
+        lw = np.array(snaps[name])
+        lw[:, :3] = -np.inf
+        snaps[name] = lw
+    state_lw = np.array(result.state.log_weights)
+    state_lw[:3] = -np.inf
+    result = result._replace(
+        trace={**result.trace, "snapshots": snaps},
+        state=result.state._replace(log_weights=jnp.asarray(state_lw)),
+    )
+    with pytest.warns(dg.TooFewWalkersWarning):
+        dt = dg.to_datatree(result)
+    khat = dt["sample_stats"]["pareto_k"].values[0]
+    assert np.isnan(khat).all()
+    walkers = dt["walkers"].to_dataset()
+    assert walkers.sizes["draw"] == 16
+    assert np.isneginf(walkers["log_weights"].values[0, :3]).all()
+    with pytest.warns(dg.TooFewWalkersWarning):
+        assert isinstance(dg.plot_training(result, path=tmp_path / "t.png"), Figure)
+    assert isinstance(dg.plot_samples(result, path=tmp_path / "s.png"), Figure)
+
+
 def test_pareto_khat_rejects_bad_r_eff():
     with pytest.raises(ValueError, match="`r_eff`"):
         dg.pareto_khat(np.arange(50.0), r_eff=0.0)
@@ -390,6 +455,43 @@ def test_plot_training_png(healthy, tmp_path):
     assert plt.get_fignums() == []  # pyplot's state is left alone
     with pytest.raises(ValueError, match="`exact_cross_entropy`"):
         dg.plot_training(result, exact_cross_entropy=np.zeros(3))
+
+
+def _panel(fig: Figure, title: str):
+    return next(ax for ax in fig.axes if ax.get_visible() and ax.get_title() == title)
+
+
+def test_plot_training_labels_a_constant_exact_ce_as_constant(healthy):
+    result, _, _ = healthy
+    const = _panel(dg.plot_training(result, exact_cross_entropy=2.5), "Cross-entropy")
+    labels = [t.get_text() for t in const.get_legend().get_texts()]
+    assert "exact CE (constant)" in labels
+    curve = _panel(
+        dg.plot_training(result, exact_cross_entropy=result.trace["cross_entropy"] + 0.01),
+        "Cross-entropy",
+    )
+    labels = [t.get_text() for t in curve.get_legend().get_texts()]
+    assert "exact CE" in labels and not any("constant" in t for t in labels)
+
+
+def test_plot_training_ess_legend_hides_no_resampling_tick_nor_curve(degenerate):
+    result = degenerate[0]
+    trace = result.trace
+    assert np.asarray(trace["resampled"])[:3].all()  # ticks at the left edge
+    fig = dg.plot_training(result)
+    fig.canvas.draw()
+    ax = _panel(fig, "Effective sample size")
+    box = ax.get_legend().get_window_extent()
+    it = np.arange(len(trace["resampled"]))
+    events = it[np.asarray(trace["resampled"], bool)]
+    ticks = ax.transData.transform(np.c_[events, np.zeros(events.size)])
+    curve = ax.transData.transform(np.c_[it, trace["normalized_ess"]])
+    # a tick is a vertical bar of 8 points: pad the legend box by half of it
+    pad = 4 * fig.dpi / 72
+    points = np.r_[ticks, curve]
+    inside_x = (points[:, 0] > box.x0 - pad) & (points[:, 0] < box.x1 + pad)
+    inside_y = (points[:, 1] > box.y0 - pad) & (points[:, 1] < box.y1 + pad)
+    assert not (inside_x & inside_y).any()
 
 
 def test_plot_training_pcd_png(pcd, tmp_path):

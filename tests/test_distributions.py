@@ -91,6 +91,36 @@ def test_errors():
         energy_based_from_fit(gauss_energy, object(), 0.0)
 
 
+def test_non_finite_log_weights_are_rejected_and_zero_weights_never_drawn():
+    particles = jnp.arange(5.0)[:, None]
+    for bad in (jnp.array([0.0, jnp.nan, 0.0, 0.0, 0.0]), jnp.full(5, jnp.nan),
+                jnp.array([0.0, 0.0, jnp.inf, 0.0, 0.0])):
+        with pytest.raises(ValueError, match="`log_weights` contains .* NaN or \\+inf"):
+            EnergyBased(gauss_energy, PARAMS, particles=particles, log_weights=bad)
+    with pytest.raises(ValueError, match="`log_weights` are all -inf"):
+        EnergyBased(gauss_energy, PARAMS, particles=particles, log_weights=jnp.full(5, -jnp.inf))
+    # -inf is weight 0: those walkers are never drawn, the others are
+    lw = jnp.array([-jnp.inf, 0.0, -jnp.inf, 0.0, 0.0])
+    d = EnergyBased(lambda p, x: jnp.sum(x**2), {}, particles=particles, log_weights=lw)
+    draws = np.asarray(d.sample(jax.random.key(0), (3000,)))[:, 0]
+    assert set(np.unique(draws)) == {1.0, 3.0, 4.0}
+    np.testing.assert_allclose(d.mean, [8.0 / 3.0], rtol=1e-6)
+
+
+def test_from_fit_rejects_nan_weights():
+    class Result:  # what a diverged run can leave behind
+        params = PARAMS
+        method = "jarzynski"
+        state = type("State", (), {
+            "particles": jnp.zeros((4, 2)),
+            "log_weights": jnp.array([0.0, jnp.nan, 0.0, 0.0]),
+            "log_normalizer": jnp.asarray(0.0),
+        })()
+
+    with pytest.raises(ValueError, match="`log_weights` contains 1 NaN"):
+        energy_based_from_fit(gauss_energy, Result(), 0.0)
+
+
 # ---------------------------------------------------------------------------------------
 # A trained 1-D model: Gaussian bumps on top of a standard-normal base
 # ---------------------------------------------------------------------------------------

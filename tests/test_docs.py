@@ -89,3 +89,49 @@ def test_docstring_markup_is_rendered(site):
     index = (site / "index.html").read_text(encoding="utf-8")
     assert "fonts.googleapis" not in index
     assert not re.search(r'<script[^>]+src="https?://', index)
+
+
+def _hook(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / "_tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_display_math_is_split_at_top_level_qquad():
+    split = _hook("mathml").split_equations
+    alpha = (r"A' = A + \alpha_k(X, X') - \alpha_{k+1}(X', X), \qquad"
+             r" \alpha_k(x, y) = U_k(x) + \tfrac{h}{4} |\nabla U_k(x)|^2 .")
+    assert split(alpha) == [r"A' = A + \alpha_k(X, X') - \alpha_{k+1}(X', X),",
+                            r"\alpha_k(x, y) = U_k(x) + \tfrac{h}{4} |\nabla U_k(x)|^2 ."]
+    # not inside braces or \left ... \right, and \qquadx is not \qquad
+    assert split(r"\left( a \qquad b \right) \qquad c_{d \qquad e}") == [
+        r"\left( a \qquad b \right)", r"c_{d \qquad e}"]
+    assert split(r"a = b") == ["a = b"]
+
+
+def test_widehat_becomes_a_stretched_css_hat_and_hat_stays():
+    hook = _hook("mathml")
+    out = hook._to_mathml(r"\hat H_k + \widehat{\log Z_{\theta_k}/Z_{\theta_0}}", False, "t")
+    # latex2mathml's \widehat: a non-accent <mover> with an ASCII caret that is not stretched
+    assert not re.search(r"<mover><mrow>(?:(?!</mover>).)*<mo>&#x0005E;</mo></mover>", out)
+    assert out.count('<mrow class="widehat">') == 1
+    assert '<mover accent="true"><mi>H</mi><mo>&#x0005E;</mo></mover>' in out  # \hat H
+    nested = hook._to_mathml(r"\widehat{a + \widehat{b}}", False, "t")
+    assert nested.count('<mrow class="widehat">') == 2 and "<mover>" not in nested
+
+
+def test_built_pages_have_no_stray_caret_and_wrap_long_formulas(site):
+    stray = re.compile(r"<mover><mrow>(?:(?!</mover>).)*<mo>&#x0005E;</mo></mover>", re.DOTALL)
+    for page in sorted(site.rglob("*.html")):
+        assert not stray.search(page.read_text(encoding="utf-8")), page.name
+    for page in (site / "index.html", site / "api" / "jarzynski_ula.html"):
+        text = page.read_text(encoding="utf-8")
+        pieces = re.findall(r'<span class="math-display math-pieces">(.*?)</span>', text, re.DOTALL)
+        alpha = [p for p in pieces if "&#x003B1;" in p]  # the alpha_k update
+        assert alpha and alpha[0].count("<math") == 2, page.name
+    assert 'class="widehat"' in (site / "index.html").read_text(encoding="utf-8")
+    css = (site / "stylesheets" / "extra.css").read_text(encoding="utf-8")
+    assert "flex-wrap: wrap" in css and ".widehat" in css and "overflow-x: auto" in css

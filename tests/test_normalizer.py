@@ -1,12 +1,14 @@
 """The log normaliser of a trained EBM (numpyro_ebm.normalizer)."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from numpyro_ebm.experiments.gmm import mixture_log_normalizer, mixture_potential
-from numpyro_ebm.normalizer import estimate_log_normalizer
+from numpyro_ebm.normalizer import ImproperEnergyWarning, estimate_log_normalizer
 
 PARAMS = {
     "means": jnp.array([[-3.0, 0.0], [3.0, 1.0]]),
@@ -57,3 +59,53 @@ def test_bad_input_names_the_argument(kw, match):
     args.update(kw)
     with pytest.raises((ValueError, TypeError), match=match):
         estimate_log_normalizer(mixture_potential, PARAMS, jax.random.key(0), **args)
+
+
+def _run(potential_fn, params=None, event_shape=(2,)):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = estimate_log_normalizer(
+            potential_fn, params, jax.random.key(0), num_walkers=200, event_shape=event_shape,
+            num_repeats=2,
+        )
+    ours = [w for w in caught if issubclass(w.category, ImproperEnergyWarning)]
+    return result, ours
+
+
+@pytest.mark.parametrize(
+    "potential_fn",
+    [
+        lambda p, x: 0.0 * jnp.sum(x),  # flat: Z = infinity
+        lambda p, x: -jnp.sum(x**2),  # unbounded below
+        lambda p, x: jnp.tanh(jnp.sum(x**2)),  # bounded: exp(-U) -> e^-1 at infinity
+    ],
+    ids=["zero", "minus_square", "bounded"],
+)
+def test_improper_energy_warns(potential_fn):
+    result, ours = _run(potential_fn)
+    assert len(ours) == 1
+    assert "may not be normalisable" in str(ours[0].message)
+    assert np.all(np.isfinite(result.estimates))  # what made the silent failure silent
+
+
+@pytest.mark.parametrize(
+    "potential_fn, exact",
+    [
+        (lambda p, x: 0.5 * jnp.sum((x - p) ** 2), np.log(2 * np.pi)),
+        # heavy tail, proper: 2-D Student t with 1 dof, Z = 2 pi
+        (lambda p, x: 1.5 * jnp.log1p(jnp.sum((x - p) ** 2)), np.log(2 * np.pi)),
+        (lambda p, x: jnp.sum(jnp.abs(x - p)), np.log(4.0)),  # Laplace
+    ],
+    ids=["gaussian", "cauchy", "laplace"],
+)
+def test_proper_energies_do_not_warn(potential_fn, exact):
+    result, ours = _run(potential_fn, jnp.array([1.0, -0.5]))
+    assert ours == []
+    assert abs(float(result.log_normalizer) - exact) < 0.6
+
+
+def test_scalar_event_and_python_number_params():
+    result, ours = _run(lambda p, x: 0.5 * (x - p) ** 2, 1.0, event_shape=())
+    assert ours == [] and abs(float(result.log_normalizer) - 0.5 * np.log(2 * np.pi)) < 0.2
+    _, ours = _run(lambda p, x: 0.0 * x * p, 1.0, event_shape=())
+    assert len(ours) == 1

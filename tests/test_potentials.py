@@ -251,16 +251,72 @@ def test_numpyro_errors():
         numpyro.param("a", 1.0)
         numpyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
 
+    def deterministic_data():
+        a = numpyro.param("a", 1.0)
+        numpyro.deterministic("x", 2.0 * a)
+
+    def discrete_data(x=None):
+        p = numpyro.param("p", 0.5, constraint=constraints.unit_interval)
+        numpyro.sample("x", dist.Bernoulli(p), obs=x)
+
     with pytest.raises(ValueError, match="no parameters"):
         from_numpyro(no_params, 0.0, data_site="x")
     with pytest.raises(ValueError, match="no site named 'y'"):
         from_numpyro(unobserved, 0.0, data_site="y")
-    with pytest.raises(ValueError, match="must be an observed"):
-        from_numpyro(unobserved, data_site="x")
+    with pytest.raises(ValueError, match="`data_site`.*must be a numpyro.sample site"):
+        from_numpyro(deterministic_data, data_site="x")
+    with pytest.raises(ValueError, match="`data_site`.*discrete"):
+        from_numpyro(discrete_data, data_site="x")
     with pytest.raises(TypeError, match="`data_site`"):
         from_numpyro(unobserved, 0.0, data_site=3)
     with pytest.raises(TypeError, match="`model`"):
         from_numpyro(3, data_site="x")
+
+
+def test_numpyro_model_without_placeholder_observation():
+    """The NumPyro way, ``def model(x=None)``, passed without data: the event shape comes
+    from a prior draw of the data site, and the energy is that of the placeholder form."""
+
+    def model(x=None):
+        loc = numpyro.param("loc", jnp.array([0.5, -1.0]))
+        scale = numpyro.param("scale", 0.7, constraint=constraints.positive)
+        x = numpyro.sample("x", dist.Normal(loc, scale).to_event(1), obs=x)
+        numpyro.factor("f", -0.1 * jnp.sum(x**4))
+
+    potential_fn, params = from_numpyro(model, data_site="x")
+    placeholder_fn, placeholder_params = from_numpyro(model, jnp.zeros(2), data_site="x")
+    assert potential_fn.event_shape == (2,)
+    assert potential_fn.latent_names == () and set(params) == {"loc", "scale"}
+    for k in params:
+        np.testing.assert_allclose(params[k], placeholder_params[k])
+    xs = jax.random.normal(jax.random.key(0), (5, 2))
+    phi = {"loc": jnp.array([0.2, 0.3]), "scale": jnp.asarray(-0.4)}
+    got = jax.jit(jax.vmap(potential_fn, (None, 0)))(phi, xs)
+    want = -dist.Normal(phi["loc"], jnp.exp(-0.4)).log_prob(xs).sum(-1) + 0.1 * jnp.sum(xs**4, -1)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(got, jax.vmap(placeholder_fn, (None, 0))(phi, xs), rtol=1e-6)
+    gx = jax.grad(potential_fn, 1)(phi, xs[0])
+    np.testing.assert_allclose(gx, jax.grad(placeholder_fn, 1)(phi, xs[0]), rtol=1e-5)
+    np.testing.assert_allclose(potential_fn.constrain(phi)["scale"], np.exp(-0.4), rtol=1e-6)
+    assert float(potential_fn.log_prior(phi)) == 0.0
+
+
+def test_numpyro_model_without_placeholder_improper_data_site_and_prior():
+    """A data site that cannot be sampled (ImproperUniform, energy in a factor) with a
+    latent prior: the shape comes from the site's support, the prior stays a prior."""
+
+    def model(x=None):
+        loc = numpyro.sample("loc", dist.Normal(0.0, 1.0))
+        x = numpyro.sample("x", dist.ImproperUniform(constraints.real_vector, (), (3,)), obs=x)
+        numpyro.factor("e", -0.5 * jnp.sum((x - loc) ** 2))
+
+    potential_fn, params = from_numpyro(model, data_site="x")
+    assert potential_fn.event_shape == (3,)
+    assert potential_fn.latent_names == ("loc",) and set(params) == {"loc"}
+    x = jnp.array([0.1, -0.2, 0.3])
+    phi = {"loc": jnp.asarray(0.4)}
+    np.testing.assert_allclose(potential_fn(phi, x), 0.5 * jnp.sum((x - 0.4) ** 2), rtol=1e-6)
+    np.testing.assert_allclose(potential_fn.log_prior(phi), dist.Normal(0, 1).log_prob(0.4), rtol=1e-6)
 
 
 def test_constrained_param_stays_in_support_through_fit():
