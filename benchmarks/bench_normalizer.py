@@ -90,7 +90,7 @@ def main() -> None:
             t0 = time.perf_counter()
             res = estimate_log_normalizer(
                 mixture_potential, params, jax.random.key(0), num_walkers=args.num_walkers,
-                event_shape=(dim,), base_scale=3.0, step_size=h, num_steps=moves,
+                event_shape=(dim,), base_scale=3.0, step_size=h, num_mcmc_steps=moves,
                 target_ess=target, num_repeats=args.repeats,
             )
             err = np.asarray(res.estimates) - exact

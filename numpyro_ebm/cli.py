@@ -253,8 +253,9 @@ def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
         help="gradient clipping: largest global norm of the cross-entropy gradient (default %(default)s)",
     )
     p.add_argument(
-        "--num-steps", type=_positive_int, default=d.num_steps,
-        help="ULA moves per training iteration (default %(default)s)",
+        "--num-mcmc-steps", "--num-steps", dest="num_mcmc_steps", type=_positive_int,
+        default=d.num_mcmc_steps,
+        help="ULA moves per training iteration (default %(default)s; --num-steps is the old name)",
     )
     p.add_argument(
         "--noise-std", type=_nonnegative_float, default=d.noise_std,
@@ -265,7 +266,8 @@ def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
         help="noisy copies of every training image (default %(default)s)",
     )
     p.add_argument(
-        "--batch-size", type=_positive_int, default=d.batch_size,
+        "--data-batch-size", "--batch-size", dest="data_batch_size", type=_positive_int,
+        default=d.data_batch_size,
         help="data minibatch (default %(default)s: all images)",
     )
 
@@ -281,8 +283,8 @@ def _run_digits_like(args: argparse.Namespace) -> int:
         classes=args.classes, proportions=args.proportions, num_samples=args.num_samples,
         hidden=args.hidden, num_walkers=args.num_walkers, num_iterations=args.num_iterations,
         step_size=args.step_size, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-        clip_norm=args.clip_norm, num_steps=args.num_steps, noise_std=args.noise_std,
-        noise_copies=args.noise_copies, batch_size=args.batch_size, methods=args.methods, seed=args.seed,
+        clip_norm=args.clip_norm, num_mcmc_steps=args.num_mcmc_steps, noise_std=args.noise_std,
+        noise_copies=args.noise_copies, data_batch_size=args.data_batch_size, methods=args.methods, seed=args.seed,
     )
     if mnist:
         changes.update(data_dir=args.data_dir, split=args.split, model=args.model, channels=args.channels)

@@ -167,7 +167,7 @@ def estimate_log_normalizer(
     base_scale: Any = None,
     data: Any = None,
     step_size: float | None = None,
-    num_steps: int = 10,
+    num_mcmc_steps: int = 10,
     target_ess: float = 0.5,
     max_substeps: int = 200,
     ess_threshold: float = 0.5,
@@ -197,7 +197,7 @@ def estimate_log_normalizer(
     step_size
         ULA step size; default ``0.02 * min(s)**2`` (a fraction of the base variance: the
         model's modes are usually narrower than the base).
-    num_steps
+    num_mcmc_steps
         ULA moves per annealing sub-step (they let the walkers relax between sub-steps).
     target_ess, max_substeps, ess_threshold
         As in :func:`~numpyro_ebm.jarzynski_ula.build_adaptive_kernel`.
@@ -220,7 +220,7 @@ def estimate_log_normalizer(
         raise ValueError(f"`base` must be 'gaussian', got {base!r}")
     _checks.check_int_at_least("num_walkers", num_walkers, 2)
     _checks.check_int_at_least("num_repeats", num_repeats, 1)
-    _checks.check_int_at_least("num_steps", num_steps, 1)
+    _checks.check_int_at_least("num_mcmc_steps", num_mcmc_steps, 1)
     _checks.check_fraction("target_ess", target_ess, closed_right=False)
     _checks.check_int_at_least("max_substeps", max_substeps, 1)
     if data is not None:
@@ -252,7 +252,7 @@ def estimate_log_normalizer(
         target_ess=target_ess,
         max_substeps=max_substeps,
         ess_threshold=ess_threshold,
-        num_steps=num_steps,
+        num_mcmc_steps=num_mcmc_steps,
     )
     start = {"lam": jnp.zeros((), dtype), "theta": params}
     end = {"lam": jnp.ones((), dtype), "theta": params}

@@ -33,10 +33,10 @@ def _check_outputs(tmp_path, name, out):
 
 
 def test_digits_command_writes_table_pngs_and_json(tmp_path, capsys):
-    code = cli.main(["digits", *TINY, "--clip-norm", "5", "--num-steps", "2", "--output-dir", str(tmp_path)])
+    code = cli.main(["digits", *TINY, "--clip-norm", "5", "--num-mcmc-steps", "2", "--output-dir", str(tmp_path)])
     assert code == 0
     summary = _check_outputs(tmp_path, "digits", capsys.readouterr().out)
-    assert summary["config"]["clip_norm"] == 5.0 and summary["config"]["num_steps"] == 2
+    assert summary["config"]["clip_norm"] == 5.0 and summary["config"]["num_mcmc_steps"] == 2
     assert summary["counts"] == {"2": 140, "3": 70, "6": 35}
     assert summary["classifier"]["test_accuracy"] > 0.9
 
@@ -91,7 +91,7 @@ def test_mnist_command_names_a_missing_directory(tmp_path, capsys):
         ["digits", "--num-walkers", "0"],
         ["digits", "--step-size", "-1"],
         ["digits", "--clip-norm", "0"],
-        ["digits", "--num-steps", "0"],
+        ["digits", "--num-mcmc-steps", "0"],
         ["digits", "--methods", "jarzynski,sgld"],
         ["digits", "--classes", "2,x"],
         ["mnist"],

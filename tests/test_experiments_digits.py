@@ -91,7 +91,7 @@ def test_tiny_run_reports_masses_and_cross_entropy():
         (dict(methods=("sgld",)), "methods"),
         (dict(schedule="linear"), "schedule"),
         (dict(target_ess=1.0), "target_ess"),
-        (dict(num_steps=0), "num_steps"),
+        (dict(num_mcmc_steps=0), "num_mcmc_steps"),
         (dict(clip_norm=0.0), "clip_norm"),
     ],
 )
@@ -100,12 +100,12 @@ def test_config_rejects_bad_settings(kwargs, match):
         digits.DigitsConfig(**kwargs)
 
 
-def test_num_steps_and_adaptive_schedule_reach_fit():
+def test_num_mcmc_steps_and_adaptive_schedule_reach_fit():
     # the adaptive schedule is for the weighted walkers only: PCD runs with the fixed one
-    config = dataclasses.replace(TINY, num_iterations=10, num_steps=2, schedule="adaptive", max_substeps=3)
+    config = dataclasses.replace(TINY, num_iterations=10, num_mcmc_steps=2, schedule="adaptive", max_substeps=3)
     results = digits.run(config)
     trace = results["jarzynski"]["result"].trace
     assert trace["num_substeps"].shape == (10,)
     assert 1 <= int(trace["num_substeps"].max()) <= 3
     assert "num_substeps" not in results["pcd"]["result"].trace
-    assert digits.summary(results)["config"]["num_steps"] == 2
+    assert digits.summary(results)["config"]["num_mcmc_steps"] == 2

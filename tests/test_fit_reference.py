@@ -34,7 +34,7 @@ def new_api(name):
         "snapshots": (jnp.float64, jarzynski_ula.walker_kernel(H, **jz),
                       {"callbacks": [cbs.Snapshots(5)]}),
         "walker_chunks": (jnp.float64, jarzynski_ula.walker_kernel(H, walker_batch_size=16, **jz), {}),
-        "num_steps": (jnp.float64, jarzynski_ula.walker_kernel(H, num_steps=2, **jz), {}),
+        "num_steps": (jnp.float64, jarzynski_ula.walker_kernel(H, num_mcmc_steps=2, **jz), {}),  # old name
         "noise_f32": (jnp.float64, jarzynski_ula.walker_kernel(H, noise_dtype=jnp.float32, **jz), {}),
     }
     return cases[name]

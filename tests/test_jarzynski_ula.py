@@ -109,11 +109,11 @@ def test_one_potential_evaluation_per_walker_per_move():
     p = gaussian_params(jnp.zeros(2), 0.0, jnp.float32)
     state = ju.init(jnp.zeros((8, 2)), p, counting_u)
     calls.clear()
-    for num_steps in (1, 3):
+    for num_mcmc_steps in (1, 3):
         calls.clear()
-        kernel = jax.jit(ju.build_kernel(counting_u, 0.1, num_steps=num_steps))
+        kernel = jax.jit(ju.build_kernel(counting_u, 0.1, num_mcmc_steps=num_mcmc_steps))
         kernel.lower(jax.random.key(0), state, p)
-        assert len(calls) == 1, f"num_steps={num_steps}: {len(calls)} evaluations traced"
+        assert len(calls) == 1, f"num_mcmc_steps={num_mcmc_steps}: {len(calls)} evaluations traced"
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ P = {"mu": jnp.zeros(2), "log_scale": jnp.zeros(())}
         (lambda: ju.build_kernel(gaussian_potential, float("nan")), "step_size"),
         (lambda: ju.build_kernel(gaussian_potential, 0.1, ess_threshold=0.0), "ess_threshold"),
         (lambda: ju.build_kernel(gaussian_potential, 0.1, ess_threshold=1.5), "ess_threshold"),
-        (lambda: ju.build_kernel(gaussian_potential, 0.1, num_steps=0), "num_steps"),
+        (lambda: ju.build_kernel(gaussian_potential, 0.1, num_mcmc_steps=0), "num_mcmc_steps"),
         (lambda: ju.init(jnp.full((4, 2), jnp.nan), P, gaussian_potential), "particles"),
         (lambda: ju.init(jnp.full((4, 2), jnp.inf), P, gaussian_potential), "particles"),
         (lambda: ju.init(jnp.zeros((1, 2)), P, gaussian_potential), "particles"),
@@ -270,9 +270,9 @@ def test_adaptive_substeps_keep_the_ess_and_the_log_normalizer_exact(x64):
     p1 = gaussian_params(jnp.array([5.0, 0.0]), 0.5, jnp.float64)
     exact = d * 0.5
     adaptive_kernel = adaptive.build_kernel(
-        gaussian_potential, 0.2, target_ess=target, max_substeps=100, num_steps=10
+        gaussian_potential, 0.2, target_ess=target, max_substeps=100, num_mcmc_steps=10
     )
-    fixed = ju.build_kernel(gaussian_potential, 0.2, num_steps=10)
+    fixed = ju.build_kernel(gaussian_potential, 0.2, num_mcmc_steps=10)
 
     def run(kernel, key):
         k0, k1 = jax.random.split(key)
@@ -298,7 +298,7 @@ def test_adaptive_kernel_is_one_ordinary_call_for_a_small_move(x64):
     p0 = gaussian_params(jnp.zeros(2), 0.0, jnp.float64)
     p1 = gaussian_params(jnp.array([0.01, 0.0]), 0.0, jnp.float64)
     state = ju.init(jax.random.normal(jax.random.key(0), (500, 2)), p0, gaussian_potential)
-    st_a, info = adaptive.build_kernel(gaussian_potential, 0.1, num_steps=3)(
+    st_a, info = adaptive.build_kernel(gaussian_potential, 0.1, num_mcmc_steps=3)(
         jax.random.key(1), state, p1
     )
     assert int(info.num_substeps) == 1 and int(info.num_evaluations) == 3
@@ -390,7 +390,7 @@ def _param_grad_kernel(name, u, ess_threshold):
 
     if name == "jarzynski":
         return ju.build_kernel(u, 0.3, resampling.systematic, ess_threshold, 2, param_grad=True)
-    return ula.build_kernel(u, 0.3, num_steps=2, param_grad=True)
+    return ula.build_kernel(u, 0.3, num_mcmc_steps=2, param_grad=True)
 
 
 @pytest.mark.parametrize("name, ess_threshold", [("jarzynski", 1e-9), ("jarzynski", 1.0),
@@ -495,7 +495,7 @@ def test_unweighted_ula_kernel_keeps_equal_weights_and_moves_like_the_weighted_o
     "call, match",
     [
         (lambda: ula.build_kernel(gaussian_potential, 0.0), "step_size"),
-        (lambda: ula.build_kernel(gaussian_potential, 0.1, num_steps=0), "num_steps"),
+        (lambda: ula.build_kernel(gaussian_potential, 0.1, num_mcmc_steps=0), "num_mcmc_steps"),
         (lambda: ula.build_kernel(gaussian_potential, 0.1, batch_size=0), "batch_size"),
         (lambda: ula.build_kernel(gaussian_potential, 0.1, noise_dtype="bogus"), "noise_dtype"),
         (lambda: ju.build_kernel(gaussian_potential, 0.1, resampling_fn=None), "resampling_fn"),

@@ -208,7 +208,7 @@ def test_bad_input_names_the_argument(kw, match):
         # the kernel settings fit took as keywords before live in the kernel objects
         (lambda: jarzynski_ula.walker_kernel(0.1, ess_threshold=0.0), "ess_threshold"),
         (lambda: jarzynski_ula.walker_kernel(0.1, ess_threshold=1.01), "ess_threshold"),
-        (lambda: jarzynski_ula.walker_kernel(0.1, num_steps=0), "num_steps"),
+        (lambda: jarzynski_ula.walker_kernel(0.1, num_mcmc_steps=0), "num_mcmc_steps"),
         (lambda: jarzynski_ula.walker_kernel(0.0), "step_size"),
         (lambda: jarzynski_ula.walker_kernel(0.1, resampling_fn="systematic"), "resampling_fn"),
         (lambda: jarzynski_ula.walker_kernel(0.1, noise_dtype=jnp.int32), "noise_dtype"),
@@ -244,8 +244,8 @@ def test_adaptive_schedule_splits_a_huge_step_and_keeps_the_log_normalizer():
         init_particles=lambda key, n: jax.random.normal(key, (n, 2)),
     )
     adaptive = fit(u, params, data, **common, kernel=adaptive_jarzynski_ula.walker_kernel(
-        0.2, num_steps=5, target_ess=0.5, max_substeps=50))
-    fixed = fit(u, params, data, **common, kernel=jarzynski_ula.walker_kernel(0.2, num_steps=5))
+        0.2, num_mcmc_steps=5, target_ess=0.5, max_substeps=50))
+    fixed = fit(u, params, data, **common, kernel=jarzynski_ula.walker_kernel(0.2, num_mcmc_steps=5))
     assert adaptive.method == "adaptive_jarzynski"
     assert "num_substeps" not in fixed.trace
     assert adaptive.trace["num_substeps"][0] > 1

@@ -375,10 +375,10 @@ def test_run_inference_algorithm_drives_the_top_level_api(name, x64):
 
 def test_walker_kernels_are_walker_kernel_objects():
     """The trainer's kernel objects: name, weighting, default step size, settings."""
-    jz = jarzynski_ula.walker_kernel(0.2, ess_threshold=0.7, num_steps=2)
+    jz = jarzynski_ula.walker_kernel(0.2, ess_threshold=0.7, num_mcmc_steps=2)
     assert isinstance(jz, WalkerKernel) and jz.name == "jarzynski" and jz.weighted
     assert jz.step_size == 0.2 and jz.restart is None
-    assert jz.config["ess_threshold"] == 0.7 and jz.config["num_steps"] == 2
+    assert jz.config["ess_threshold"] == 0.7 and jz.config["num_mcmc_steps"] == 2
     pcd = ula.walker_kernel(0.2)
     assert pcd.name == "pcd" and not pcd.weighted and pcd.restart is None
     cdk = cd.walker_kernel(0.2, restart_every=5)

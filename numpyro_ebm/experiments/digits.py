@@ -90,8 +90,8 @@ class DigitsConfig:
     weight_decay: float = 0.05
     noise_std: float = 0.15
     noise_copies: int = 4
-    batch_size: int | None = None
-    num_steps: int = 1
+    data_batch_size: int | None = None
+    num_mcmc_steps: int = 1
     schedule: str = "fixed"
     target_ess: float = 0.5
     max_substeps: int = 10
@@ -116,7 +116,7 @@ class DigitsConfig:
         if self.weight_decay < 0 or self.noise_std < 0:
             raise ValueError("`weight_decay` and `noise_std` must be non-negative")
         for name in (
-            "hidden", "channels", "num_iterations", "num_snapshots", "noise_copies", "num_steps", "max_substeps",
+            "hidden", "channels", "num_iterations", "num_snapshots", "noise_copies", "num_mcmc_steps", "max_substeps",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}")
@@ -275,7 +275,7 @@ def mnist_defaults(data_dir: str | None = None) -> DigitsConfig:
         source="mnist", data_dir=data_dir if data_dir is not None else "", split="test",
         num_samples=1400, model="conv", hidden=64, channels=8, num_walkers=300,
         num_iterations=1000, step_size=0.01, learning_rate=0.005, weight_decay=0.05, clip_norm=1.0,
-        noise_std=0.0, noise_copies=1, batch_size=100,
+        noise_std=0.0, noise_copies=1, data_batch_size=100,
     )
 
 
@@ -320,8 +320,8 @@ def run(
         optax.sgd(config.learning_rate),
     )
     batch_size = None
-    if config.batch_size is not None and config.batch_size < len(train_images):
-        batch_size = config.batch_size
+    if config.data_batch_size is not None and config.data_batch_size < len(train_images):
+        batch_size = config.data_batch_size
     snapshot_every = max(1, config.num_iterations // config.num_snapshots)
     fit_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     out: dict[str, Any] = {
@@ -336,7 +336,7 @@ def run(
     }
     for method in config.methods:
         kernel = kernels.for_method(
-            method, config.step_size, ess_threshold=config.ess_threshold, num_steps=config.num_steps,
+            method, config.step_size, ess_threshold=config.ess_threshold, num_mcmc_steps=config.num_mcmc_steps,
             schedule=config.schedule, target_ess=config.target_ess, max_substeps=config.max_substeps,
         )
         t0 = time.perf_counter()

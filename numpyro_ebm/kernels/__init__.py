@@ -39,7 +39,7 @@ def for_method(
     step_size: float,
     *,
     ess_threshold: float = 0.5,
-    num_steps: int = 1,
+    num_mcmc_steps: int = 1,
     schedule: str = "fixed",
     target_ess: float = 0.5,
     max_substeps: int = 10,
@@ -51,7 +51,7 @@ def for_method(
     (the experiments' and the command line's way of choosing one): ``"jarzynski"``
     (``schedule="adaptive"`` for ESS-controlled sub-steps), ``"pcd"`` or ``"cd"``; the
     settings that do not apply to the method are ignored."""
-    shared = dict(num_steps=num_steps, walker_batch_size=walker_batch_size, noise_dtype=noise_dtype)
+    shared = dict(num_mcmc_steps=num_mcmc_steps, walker_batch_size=walker_batch_size, noise_dtype=noise_dtype)
     if method == "jarzynski":
         if schedule not in ("fixed", "adaptive"):
             raise ValueError(f"`schedule` must be 'fixed' or 'adaptive', got {schedule!r}")

@@ -16,7 +16,7 @@ The move :math:`\theta_k \to \theta_{k+1}` follows the straight path
 5. the exact increment at :math:`\theta(\lambda_j + f(1 - \lambda_j))` (reusing step 2 when
    :math:`f = 1`); while its realised conditional ESS is below target, :math:`f` is halved
    and the evaluation repeated (at most ``max_backtracks`` times);
-6. the Jarzynski update to :math:`\theta(\lambda_{j+1})`, ``num_steps - 1`` further moves
+6. the Jarzynski update to :math:`\theta(\lambda_{j+1})`, ``num_mcmc_steps - 1`` further moves
    there, and resampling when ESS/N < ``ess_threshold``.
 
 The sub-steps run in a ``lax.while_loop`` until :math:`\lambda = 1`; the
@@ -135,7 +135,7 @@ class _Config(NamedTuple):
     max_backtracks: int
     resampling_fn: Callable
     ess_threshold: float
-    num_steps: int
+    num_mcmc_steps: int
     batch_size: int | None
     noise_dtype: Any
 
@@ -247,7 +247,7 @@ def _substep(cfg, start, target, st, lam, count, key, h) -> _Substep:
             None,
         )
 
-    evaluations = 1 + (fraction < 1.0).astype(jnp.int32) + (cfg.num_steps - 1)
+    evaluations = 1 + (fraction < 1.0).astype(jnp.int32) + (cfg.num_mcmc_steps - 1)
     fraction, u_new, g_new, tries = _backtrack(cfg, st, x_new, evaluate, forward, h, fraction, last)
     new_lam = jnp.where(fraction >= 1.0, 1.0, lam + fraction * (1.0 - lam))
     new_params = _path(start, target, new_lam)
@@ -265,8 +265,8 @@ def _substep(cfg, start, target, st, lam, count, key, h) -> _Substep:
 
 
 def _further_moves(cfg, st, params, h, key, record):
-    """``num_steps - 1`` ULA moves at fixed ``params`` after the sub-step's move."""
-    if cfg.num_steps == 1:
+    """``num_mcmc_steps - 1`` ULA moves at fixed ``params`` after the sub-step's move."""
+    if cfg.num_mcmc_steps == 1:
         return (st, *record)
 
     def one(carry, k):
@@ -276,7 +276,7 @@ def _further_moves(cfg, st, params, h, key, record):
         s, d2, i2, b2 = apply_move(s, x_new, u_new, g_new, params, h)
         return (s, d + d2, i + i2, b | b2), None
 
-    (st, d, i, b), _ = jax.lax.scan(one, (st, *record), jax.random.split(key, cfg.num_steps - 1))
+    (st, d, i, b), _ = jax.lax.scan(one, (st, *record), jax.random.split(key, cfg.num_mcmc_steps - 1))
     return st, d, i, b
 
 
@@ -319,7 +319,7 @@ def build_kernel(
     max_substeps: int = 10,
     resampling_fn: Callable = resampling.systematic,
     ess_threshold: float = 0.5,
-    num_steps: int = 1,
+    num_mcmc_steps: int = 1,
     max_backtracks: int = 6,
     batch_size: int | None = None,
     noise_dtype: Any = None,
@@ -335,10 +335,10 @@ def build_kernel(
     """
     _checks.check_fraction("target_ess", target_ess, closed_right=False)
     max_substeps = _checks.check_int_at_least("max_substeps", max_substeps, 1)
-    num_steps = check_kernel_args(step_size, resampling_fn, ess_threshold, num_steps, batch_size, noise_dtype)
+    num_mcmc_steps = check_kernel_args(step_size, resampling_fn, ess_threshold, num_mcmc_steps, batch_size, noise_dtype)
     max_backtracks = _checks.check_int_at_least("max_backtracks", max_backtracks, 0)
     cfg = _Config(potential_fn, jnp.log(target_ess), max_substeps, max_backtracks, resampling_fn,
-                  ess_threshold, num_steps, batch_size, noise_dtype)
+                  ess_threshold, num_mcmc_steps, batch_size, noise_dtype)
     default_step_size = step_size
 
     def kernel(rng_key, state, params=None, step_size=None):
@@ -378,13 +378,13 @@ def walker_kernel(
     max_substeps: int = 10,
     resampling_fn: Callable = resampling.systematic,
     ess_threshold: float = 0.5,
-    num_steps: int = 1,
+    num_mcmc_steps: int = 1,
     max_backtracks: int = 6,
     walker_batch_size: int | None = None,
     noise_dtype: Any = None,
 ) -> WalkerKernel:
     """Jarzynski walkers with the adaptive schedule, for the trainer."""
-    args = (target_ess, max_substeps, resampling_fn, ess_threshold, num_steps, max_backtracks,
+    args = (target_ess, max_substeps, resampling_fn, ess_threshold, num_mcmc_steps, max_backtracks,
             walker_batch_size, noise_dtype)
     build_kernel(lambda p, x: 0.0, step_size, *args)  # validates the arguments
 
@@ -398,7 +398,7 @@ def walker_kernel(
     default_step_size = step_size
     config = dict(step_size=step_size, target_ess=target_ess, max_substeps=max_substeps,
                   resampling_fn=getattr(resampling_fn, "__name__", str(resampling_fn)),
-                  ess_threshold=ess_threshold, num_steps=num_steps, max_backtracks=max_backtracks,
+                  ess_threshold=ess_threshold, num_mcmc_steps=num_mcmc_steps, max_backtracks=max_backtracks,
                   walker_batch_size=walker_batch_size,
                   noise_dtype=None if noise_dtype is None else str(jnp.dtype(noise_dtype)))
     return WalkerKernel(init_fn, step_fn, None, True, step_size, "adaptive_jarzynski", config)

@@ -1,7 +1,7 @@
 r"""Contrastive divergence (CD): unweighted ULA walkers restarted from the data.
 
 CD-:math:`k` (Hinton 2002) starts the negative chains at data points at every parameter
-update and runs :math:`k` ULA moves (``num_steps``). The walkers then stay near the data
+update and runs :math:`k` ULA moves (``num_mcmc_steps``). The walkers then stay near the data
 whatever the model, so the estimate of :math:`E_{\rho_\theta}[\nabla_\theta U]` is biased
 towards the data's own proportions. ``restart_every > 1`` restarts only every so many
 updates (between CD and PCD).
@@ -41,15 +41,15 @@ def restart_from_data(
 def build_kernel(
     potential_fn: PotentialFn,
     step_size: float,
-    num_steps: int = 1,
+    num_mcmc_steps: int = 1,
     batch_size: int | None = None,
     noise_dtype: Any = None,
     param_grad: bool = False,
 ):
     """``kernel(rng_key, state, data, params=None, step_size=None)``: restart the walkers
-    from ``data`` (:func:`restart_from_data`), then ``num_steps`` unweighted ULA moves
+    from ``data`` (:func:`restart_from_data`), then ``num_mcmc_steps`` unweighted ULA moves
     (:func:`numpyro_ebm.kernels.ula.build_kernel`)."""
-    move = ula.build_kernel(potential_fn, step_size, num_steps, batch_size, noise_dtype, param_grad)
+    move = ula.build_kernel(potential_fn, step_size, num_mcmc_steps, batch_size, noise_dtype, param_grad)
 
     def kernel(rng_key, state, data, params=None, step_size=None):
         params = state.params if params is None else params
@@ -65,13 +65,13 @@ def as_top_level_api(
     params: ArrayTree,
     step_size: float,
     data: ArrayTree,
-    num_steps: int = 1,
+    num_mcmc_steps: int = 1,
     batch_size: int | None = None,
     noise_dtype: Any = None,
 ) -> SamplingAlgorithm:
     """CD walkers as a ``blackjax.SamplingAlgorithm``: each ``step(rng_key, state,
-    params=None)`` restarts from ``data`` and moves ``num_steps`` times."""
-    kernel = build_kernel(potential_fn, step_size, num_steps, batch_size, noise_dtype)
+    params=None)`` restarts from ``data`` and moves ``num_mcmc_steps`` times."""
+    kernel = build_kernel(potential_fn, step_size, num_mcmc_steps, batch_size, noise_dtype)
 
     def init_fn(position: ArrayTree, rng_key: jax.Array | None = None) -> JarzynskiState:
         del rng_key
@@ -87,14 +87,14 @@ def walker_kernel(
     step_size: float,
     *,
     restart_every: int = 1,
-    num_steps: int = 1,
+    num_mcmc_steps: int = 1,
     walker_batch_size: int | None = None,
     noise_dtype: Any = None,
 ) -> WalkerKernel:
     """CD walkers for the trainer: at iterations ``k`` with ``k % restart_every == 0`` the
     walkers restart from the iteration's data batch, then move as PCD's do."""
     restart_every = _checks.check_int_at_least("restart_every", restart_every, 1)
-    pcd = ula.walker_kernel(step_size, num_steps=num_steps, walker_batch_size=walker_batch_size,
+    pcd = ula.walker_kernel(step_size, num_mcmc_steps=num_mcmc_steps, walker_batch_size=walker_batch_size,
                             noise_dtype=noise_dtype)
 
     def restart(potential_fn, rng_key, state, params, batch, iteration):

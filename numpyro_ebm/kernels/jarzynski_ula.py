@@ -26,7 +26,7 @@ weighted for :math:`\theta_{k+1}`:
 4. When :math:`\mathrm{ESS}/N` < ``ess_threshold`` the walkers are resampled (BlackJAX's
    resampling functions), the weights reset to equal, the log normaliser carried across.
 
-With ``num_steps > 1`` the further moves run at :math:`\theta_{k+1}` (steps 1-2 at fixed
+With ``num_mcmc_steps > 1`` the further moves run at :math:`\theta_{k+1}` (steps 1-2 at fixed
 parameters) before step 4. ``potential_fn(params, x)`` is the energy of ONE sample. A
 walker whose new position, energy or gradient is not finite gets weight zero and keeps its
 last finite values; resampling replaces it.
@@ -93,10 +93,10 @@ def init(
 
 
 def check_kernel_args(
-    step_size, resampling_fn, ess_threshold, num_steps, batch_size=None, noise_dtype=None,
+    step_size, resampling_fn, ess_threshold, num_mcmc_steps, batch_size=None, noise_dtype=None,
     batch_name="batch_size",
 ) -> int:
-    """Validate the arguments the walker kernels share; returns ``num_steps``."""
+    """Validate the arguments the walker kernels share; returns ``num_mcmc_steps``."""
     _checks.check_positive("step_size", step_size)
     if noise_dtype is not None:
         _checks.check_float_dtype("noise_dtype", noise_dtype)
@@ -105,7 +105,7 @@ def check_kernel_args(
     _checks.check_fraction("ess_threshold", ess_threshold)
     if not callable(resampling_fn):
         raise TypeError("`resampling_fn` must be callable (rng_key, weights, num_samples)")
-    return _checks.check_int_at_least("num_steps", num_steps, 1)
+    return _checks.check_int_at_least("num_mcmc_steps", num_mcmc_steps, 1)
 
 
 def _walker_grad(potential_fn, params, state, record, pre_resampling, resampled, ancestors):
@@ -128,7 +128,7 @@ def build_kernel(
     step_size: float,
     resampling_fn: Callable = resampling.systematic,
     ess_threshold: float = 0.5,
-    num_steps: int = 1,
+    num_mcmc_steps: int = 1,
     batch_size: int | None = None,
     noise_dtype: Any = None,
     param_grad: bool = False,
@@ -145,9 +145,10 @@ def build_kernel(
         A BlackJAX resampling function ``(rng_key, weights, num_samples) -> indices``.
     ess_threshold
         Resample when :math:`\\mathrm{ESS}/N` falls below this value, in (0, 1].
-    num_steps
+    num_mcmc_steps
         ULA moves per call; the first re-weights :math:`\\theta_k \\to \\theta_{k+1}`, the
-        others run at :math:`\\theta_{k+1}`.
+        others run at :math:`\\theta_{k+1}` (as in BlackJAX's SMC kernels; BlackJAX's
+        ``run_inference_algorithm(..., num_steps)`` counts kernel calls instead).
     batch_size
         Evaluate the walkers in chunks of this many with ``lax.map`` (memory bounded by
         one chunk); ``None`` (default) vmaps over all walkers at once.
@@ -170,8 +171,8 @@ def build_kernel(
     ``params`` is :math:`\\theta_{k+1}` (``None`` keeps ``state.params``); ``step_size``
     overrides the default for this call (e.g. from an adaptation scheme).
     """
-    num_steps = check_kernel_args(
-        step_size, resampling_fn, ess_threshold, num_steps, batch_size, noise_dtype
+    num_mcmc_steps = check_kernel_args(
+        step_size, resampling_fn, ess_threshold, num_mcmc_steps, batch_size, noise_dtype
     )
     default_step_size = step_size
     fused = param_grad and batch_size is None
@@ -181,7 +182,7 @@ def build_kernel(
         h = resolve_step_size(default_step_size, step_size, state.potential.dtype)
         move_key, resample_key = jax.random.split(rng_key)
         state, record = ula_moves(
-            move_key, state, params, potential_fn, h, num_steps, weighted=True, fused=fused,
+            move_key, state, params, potential_fn, h, num_mcmc_steps, weighted=True, fused=fused,
             batch_size=batch_size, noise_dtype=noise_dtype,
         )
         pre_resampling = state.log_weights
@@ -217,7 +218,7 @@ def as_top_level_api(
     step_size: float,
     resampling_fn: Callable = resampling.systematic,
     ess_threshold: float = 0.5,
-    num_steps: int = 1,
+    num_mcmc_steps: int = 1,
     batch_size: int | None = None,
     noise_dtype: Any = None,
 ) -> SamplingAlgorithm:
@@ -230,7 +231,7 @@ def as_top_level_api(
     ``blackjax.util.run_inference_algorithm``.
     """
     kernel = build_kernel(
-        potential_fn, step_size, resampling_fn, ess_threshold, num_steps, batch_size, noise_dtype
+        potential_fn, step_size, resampling_fn, ess_threshold, num_mcmc_steps, batch_size, noise_dtype
     )
 
     def init_fn(position: ArrayTree, rng_key: jax.Array | None = None) -> JarzynskiState:
@@ -248,14 +249,14 @@ def walker_kernel(
     *,
     resampling_fn: Callable = resampling.systematic,
     ess_threshold: float = 0.5,
-    num_steps: int = 1,
+    num_mcmc_steps: int = 1,
     walker_batch_size: int | None = None,
     noise_dtype: Any = None,
 ) -> WalkerKernel:
     """Jarzynski-weighted walkers for the trainer
     (:func:`numpyro_ebm.training.build_trainer`): the method of the paper. Arguments as in
     :func:`build_kernel` (``walker_batch_size`` is its ``batch_size``)."""
-    check_kernel_args(step_size, resampling_fn, ess_threshold, num_steps, walker_batch_size, noise_dtype,
+    check_kernel_args(step_size, resampling_fn, ess_threshold, num_mcmc_steps, walker_batch_size, noise_dtype,
                       "walker_batch_size")
 
     def init_fn(potential_fn, particles, params):
@@ -263,13 +264,13 @@ def walker_kernel(
 
     def step_fn(potential_fn, rng_key, state, params, step_size):
         kernel = build_kernel(
-            potential_fn, default_step_size, resampling_fn, ess_threshold, num_steps,
+            potential_fn, default_step_size, resampling_fn, ess_threshold, num_mcmc_steps,
             walker_batch_size, noise_dtype, param_grad=True,
         )
         return kernel(rng_key, state, params, step_size)
 
     default_step_size = step_size
     config = dict(step_size=step_size, resampling_fn=getattr(resampling_fn, "__name__", str(resampling_fn)),
-                  ess_threshold=ess_threshold, num_steps=num_steps, walker_batch_size=walker_batch_size,
+                  ess_threshold=ess_threshold, num_mcmc_steps=num_mcmc_steps, walker_batch_size=walker_batch_size,
                   noise_dtype=None if noise_dtype is None else str(jnp.dtype(noise_dtype)))
     return WalkerKernel(init_fn, step_fn, None, True, step_size, "jarzynski", config)

@@ -3,7 +3,7 @@ r"""Unadjusted Langevin (ULA) moves of the walkers.
 One move under :math:`\theta`: :math:`X' = X - h \nabla U_\theta(X) + \sqrt{2h}\,\xi`,
 :math:`\xi \sim N(0, I)`, with :math:`\nabla U_\theta(X)` cached in the state, followed by
 one evaluation at the new positions and the weight update of
-:func:`numpyro_ebm.kernels.base.apply_move`. :func:`ula_moves` runs ``num_steps`` of them:
+:func:`numpyro_ebm.kernels.base.apply_move`. :func:`ula_moves` runs ``num_mcmc_steps`` of them:
 the first re-weights :math:`\theta_k \to \theta_{k+1}`, the others run at
 :math:`\theta_{k+1}`; with ``fused=True`` the last evaluation also serves the walkers'
 parameter gradient (:func:`numpyro_ebm.kernels.evaluation.fused_evaluation`).
@@ -113,19 +113,19 @@ def ula_moves(
     params: ArrayTree,
     potential_fn: PotentialFn,
     step_size: jax.Array,
-    num_steps: int,
+    num_mcmc_steps: int,
     *,
     weighted: bool,
     fused: bool = False,
     batch_size: int | None = None,
     noise_dtype: Any = None,
 ) -> tuple[JarzynskiState, MovesRecord]:
-    """``num_steps`` ULA moves, each followed by :func:`~numpyro_ebm.kernels.base.apply_move`
+    """``num_mcmc_steps`` ULA moves, each followed by :func:`~numpyro_ebm.kernels.base.apply_move`
     to ``params``; the first starts from the cached :math:`\\nabla U_{\\theta_k}`. With
     ``fused`` the last move's evaluation is a :func:`fused_evaluation` (no chunks)."""
     n = state.log_weights.shape[0]
-    keys = jax.random.split(rng_key, num_steps)
-    num_plain = num_steps - 1 if fused else num_steps
+    keys = jax.random.split(rng_key, num_mcmc_steps)
+    num_plain = num_mcmc_steps - 1 if fused else num_mcmc_steps
 
     def one_move(carry, key):
         st, delta_sum, bad_any = carry

@@ -46,19 +46,19 @@ def init(
     return state._replace(log_normalizer=jnp.full_like(state.log_normalizer, jnp.nan))
 
 
-def _check_args(step_size, num_steps, batch_size, noise_dtype, batch_name="batch_size") -> int:
+def _check_args(step_size, num_mcmc_steps, batch_size, noise_dtype, batch_name="batch_size") -> int:
     _checks.check_positive("step_size", step_size)
     if noise_dtype is not None:
         _checks.check_float_dtype("noise_dtype", noise_dtype)
     if batch_size is not None:
         _checks.check_int_at_least(batch_name, batch_size, 1)
-    return _checks.check_int_at_least("num_steps", num_steps, 1)
+    return _checks.check_int_at_least("num_mcmc_steps", num_mcmc_steps, 1)
 
 
 def build_kernel(
     potential_fn: PotentialFn,
     step_size: float,
-    num_steps: int = 1,
+    num_mcmc_steps: int = 1,
     batch_size: int | None = None,
     noise_dtype: Any = None,
     param_grad: bool = False,
@@ -69,7 +69,7 @@ def build_kernel(
     :func:`numpyro_ebm.kernels.jarzynski_ula.build_kernel`; with ``param_grad`` the walker
     term :math:`\\frac1N \\sum_i \\nabla_\\theta U(X^i)` comes from the move's own
     evaluation (one forward and one backward pass)."""
-    num_steps = _check_args(step_size, num_steps, batch_size, noise_dtype)
+    num_mcmc_steps = _check_args(step_size, num_mcmc_steps, batch_size, noise_dtype)
     default_step_size = step_size
     fused = param_grad and batch_size is None
 
@@ -78,7 +78,7 @@ def build_kernel(
         h = resolve_step_size(default_step_size, step_size, state.potential.dtype)
         move_key, _ = jax.random.split(rng_key)  # the second key is the weighted kernels' resampling key
         state, record = ula_moves(
-            move_key, state, params, potential_fn, h, num_steps, weighted=False, fused=fused,
+            move_key, state, params, potential_fn, h, num_mcmc_steps, weighted=False, fused=fused,
             batch_size=batch_size, noise_dtype=noise_dtype,
         )
         state = state._replace(log_normalizer=jnp.full_like(state.log_normalizer, jnp.nan))
@@ -111,13 +111,13 @@ def as_top_level_api(
     potential_fn: PotentialFn,
     params: ArrayTree,
     step_size: float,
-    num_steps: int = 1,
+    num_mcmc_steps: int = 1,
     batch_size: int | None = None,
     noise_dtype: Any = None,
 ) -> SamplingAlgorithm:
     """Unweighted ULA walkers as a ``blackjax.SamplingAlgorithm`` (as
     :func:`numpyro_ebm.kernels.jarzynski_ula.as_top_level_api`, without weights)."""
-    kernel = build_kernel(potential_fn, step_size, num_steps, batch_size, noise_dtype)
+    kernel = build_kernel(potential_fn, step_size, num_mcmc_steps, batch_size, noise_dtype)
 
     def init_fn(position: ArrayTree, rng_key: jax.Array | None = None) -> JarzynskiState:
         del rng_key
@@ -132,22 +132,22 @@ def as_top_level_api(
 def walker_kernel(
     step_size: float,
     *,
-    num_steps: int = 1,
+    num_mcmc_steps: int = 1,
     walker_batch_size: int | None = None,
     noise_dtype: Any = None,
 ) -> WalkerKernel:
     """PCD walkers for the trainer: persistent, unweighted ULA chains."""
-    _check_args(step_size, num_steps, walker_batch_size, noise_dtype, "walker_batch_size")
+    _check_args(step_size, num_mcmc_steps, walker_batch_size, noise_dtype, "walker_batch_size")
 
     def init_fn(potential_fn, particles, params):
         return init(particles, params, potential_fn, walker_batch_size)
 
     def step_fn(potential_fn, rng_key, state, params, step_size):
-        kernel = build_kernel(potential_fn, default_step_size, num_steps, walker_batch_size,
+        kernel = build_kernel(potential_fn, default_step_size, num_mcmc_steps, walker_batch_size,
                               noise_dtype, param_grad=True)
         return kernel(rng_key, state, params, step_size)
 
     default_step_size = step_size
-    config = dict(step_size=step_size, num_steps=num_steps, walker_batch_size=walker_batch_size,
+    config = dict(step_size=step_size, num_mcmc_steps=num_mcmc_steps, walker_batch_size=walker_batch_size,
                   noise_dtype=None if noise_dtype is None else str(jnp.dtype(noise_dtype)))
     return WalkerKernel(init_fn, step_fn, None, False, step_size, "pcd", config)

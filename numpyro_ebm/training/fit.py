@@ -186,7 +186,7 @@ def fit(
     ``kernel``: ``"jarzynski"`` (weighted walkers, the paper's method), ``"pcd"``,
     ``"cd"`` (these three need ``step_size``, the ULA :math:`h`), or a kernel object from
     :mod:`numpyro_ebm.kernels` (``jarzynski_ula.walker_kernel(h, ess_threshold=...,
-    num_steps=..., walker_batch_size=..., noise_dtype=...)``,
+    num_mcmc_steps=..., walker_batch_size=..., noise_dtype=...)``,
     ``adaptive_jarzynski_ula.walker_kernel(h, target_ess=...)``, ``ula.walker_kernel(h)``,
     ``cd.walker_kernel(h, restart_every=...)``). ``num_walkers`` :math:`N \\ge 2` walkers
     start at ``init_particles`` (an array, or ``(rng_key, N) -> particles``); for Jarzynski
