@@ -68,6 +68,7 @@ def main(argv=None):
         energy, {"a": jnp.zeros(len(CENTRES))}, data, optimizer=optax.sgd(0.1),
         num_walkers=n_walkers, step_size=0.02, num_iterations=n_iter, rng_key=k_fit,
         data_batch_size=min(500, n_data), log_z0=math.log(2 * math.pi),
+        init_particles="standard_normal",  # rho_theta0 is N(0, I): a = 0 gives U = |x|^2 / 2
     )
     prior = energy_based_from_fit(energy, result, math.log(2 * math.pi))
     y = jnp.array([[0.9, 1.4], [1.5, 0.4], [0.4, 0.9]])

@@ -219,6 +219,7 @@ def estimate_log_normalizer(
     if base != "gaussian":
         raise ValueError(f"`base` must be 'gaussian', got {base!r}")
     _checks.check_int_at_least("num_walkers", num_walkers, 2)
+    _checks.check_key("rng_key", rng_key)
     _checks.check_int_at_least("num_repeats", num_repeats, 1)
     _checks.check_int_at_least("num_mcmc_steps", num_mcmc_steps, 1)
     _checks.check_fraction("target_ess", target_ess, closed_right=False)

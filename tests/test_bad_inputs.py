@@ -145,3 +145,61 @@ def test_default_walkers_warn_for_weighted_kernels_unless_said():
         warnings.simplefilter("error", errors.InitialWalkersWarning)
         fit(init_particles="standard_normal")
         fit(kernel="pcd", init_particles=None)
+
+
+# --- around the core: normaliser, front-ends, distributions, diagnostics, datasets, CLI ---
+
+def _normalizer(**kw):
+    args = dict(num_walkers=64, event_shape=(2,), step_size=0.1)
+    args.update(kw)
+    return numpyro_ebm.estimate_log_normalizer(u, P0, jax.random.key(0), **args)
+
+
+def _cli(argv):
+    from numpyro_ebm import cli
+
+    return cli.main(argv)
+
+
+OUTER = [
+    ("normalizer num_walkers", lambda: _normalizer(num_walkers=1), ValueError, "`num_walkers`"),
+    ("normalizer step_size", lambda: _normalizer(step_size=-1.0), ValueError, "`step_size`"),
+    ("normalizer base", lambda: _normalizer(base="laplace"), ValueError, "`base`"),
+    ("normalizer rng_key", lambda: numpyro_ebm.estimate_log_normalizer(u, P0, 0, num_walkers=8,
+                                                                       event_shape=(2,)),
+     TypeError, "`rng_key`"),
+    ("from_flax module", lambda: numpyro_ebm.potentials.from_flax(3), TypeError, "module"),
+    ("from_numpyro data_site", lambda: numpyro_ebm.potentials.from_numpyro(
+        lambda x=None: None, data_site="x"), ValueError, "`data_site`|'x'"),
+    ("EnergyBased NaN weights", lambda: numpyro_ebm.EnergyBased(
+        u, P0, particles=WALKERS, log_weights=jnp.full(16, jnp.nan)), ValueError, "`log_weights`"),
+    ("energy_based_from_fit result", lambda: numpyro_ebm.energy_based_from_fit(u, object()),
+     TypeError, "`result`"),
+    ("to_datatree result", lambda: numpyro_ebm.diagnostics.to_datatree(object()), TypeError, "`result`"),
+    ("pareto_khat NaN", lambda: numpyro_ebm.diagnostics.pareto_khat(np.array([0.0, np.nan] * 20)),
+     ValueError, "`log_weights`"),
+    ("load_digits classes", lambda: numpyro_ebm.datasets.load_digits((2, 2, 6)), ValueError, "`classes`"),
+    ("load_digits proportions", lambda: numpyro_ebm.datasets.load_digits((2, 3), (1, -1)), ValueError,
+     "`proportions`"),
+    ("load_mnist path", lambda: numpyro_ebm.datasets.load_mnist("/nonexistent/mnist"),
+     FileNotFoundError, "nonexistent"),
+    ("cli num-walkers", lambda: _cli(["gmm", "--num-walkers", "1"]), SystemExit, "2"),
+    ("cli step-size inf", lambda: _cli(["gmm", "--step-size", "inf"]), SystemExit, "2"),
+]
+
+
+@pytest.mark.parametrize("thunk, error, pattern", [r[1:] for r in OUTER], ids=[r[0] for r in OUTER])
+def test_bad_input_around_the_core_gives_a_named_error(thunk, error, pattern):
+    with pytest.raises(error, match=pattern):
+        thunk()
+
+
+def test_unreadable_checkpoint_is_a_named_error_and_is_kept(tmp_path):
+    fit(num_iterations=4, callbacks=[cbs.Checkpoint(tmp_path, every=2)])
+    step = max(p for p in tmp_path.iterdir() if p.name.isdigit())
+    for f in step.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="could not read"):
+        fit(num_iterations=8, callbacks=[cbs.Checkpoint(tmp_path, every=2, resume=True)])
+    assert step.exists()

@@ -178,7 +178,7 @@ def test_datatree_and_plots_accept_16_walkers_with_zero_weights(tmp_path):
     result = fit(
         gaussian_potential, {"mu": jnp.zeros(2)}, data, optimizer=optax.sgd(0.05),
         num_walkers=16, step_size=0.1, num_iterations=10, rng_key=jax.random.key(0),
-        snapshot_every=5,
+        init_particles="standard_normal", callbacks=[cbs.Snapshots(5)],
     )
     snaps = dict(result.trace["snapshots"])
     for name in ("log_weights", "log_weights_before_resampling"):
