@@ -6,14 +6,26 @@
 * :mod:`~numpyro_ebm.kernels.adaptive_jarzynski_ula`: the same with ESS-controlled
   parameter sub-steps;
 * :mod:`~numpyro_ebm.kernels.ula`: unweighted ULA walkers (PCD);
-* :mod:`~numpyro_ebm.kernels.cd`: unweighted walkers restarted from the data (CD).
+* :mod:`~numpyro_ebm.kernels.cd`: unweighted walkers restarted from the data (CD);
+* :mod:`~numpyro_ebm.kernels.rejuvenation`: ``with_rejuvenation(kernel)`` adds MALA moves
+  at fixed parameters after each resampling (resample-move).
 
 Shared pieces: :mod:`~numpyro_ebm.kernels.base` (state, info, weight update, resampling),
 :mod:`~numpyro_ebm.kernels.evaluation` (energy evaluations),
 :mod:`~numpyro_ebm.kernels.langevin` (ULA moves).
 """
 
-from numpyro_ebm.kernels import adaptive_jarzynski_ula, base, cd, evaluation, jarzynski_ula, langevin, summary, ula
+from numpyro_ebm.kernels import (
+    adaptive_jarzynski_ula,
+    base,
+    cd,
+    evaluation,
+    jarzynski_ula,
+    langevin,
+    rejuvenation,
+    summary,
+    ula,
+)
 from numpyro_ebm.kernels.base import JarzynskiInfo, JarzynskiState, WalkerKernel
 from numpyro_ebm.kernels.summary import summarize_infos
 
@@ -30,6 +42,7 @@ __all__ = [
     "WalkerKernel",
     "for_method",
     "summary",
+    "rejuvenation",
     "summarize_infos",
 ]
 

@@ -81,6 +81,9 @@ def trace_row(info: TrainInfo, num_walkers: int) -> dict[str, jax.Array]:
         if hasattr(info.kernel_info, "num_substeps"):
             row["num_substeps"] = info.kernel_info.num_substeps
             row["substep_target_missed"] = info.kernel_info.target_missed
+        if hasattr(info.kernel_info, "rejuvenated"):
+            row["rejuvenated"] = info.kernel_info.rejuvenated
+            row["mala_acceptance"] = info.kernel_info.mala_acceptance
     for name in ("cross_entropy", "acceptance", "extra"):
         if getattr(info, name) is not None:
             row[name] = getattr(info, name)
