@@ -202,35 +202,36 @@ def _classes(text: str) -> tuple[int, ...]:
     return values
 
 
-def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
-    from numpyro_ebm.experiments.digits import DigitsConfig, mnist_defaults
-
-    mnist = name == "mnist"
-    d = mnist_defaults() if mnist else DigitsConfig()
-    if mnist:
-        p = sub.add_parser(
-            "mnist",
-            help="the imbalanced-digits experiment on MNIST (28x28) from a directory of IDX files",
-            description="Train a small convolutional energy on MNIST digits in unequal proportions with "
-            "Jarzynski and PCD and compare the class masses among the walkers with the truth.",
-        )
-        p.add_argument("--data-dir", required=True, help="directory with the MNIST IDX files (gzipped or not)")
-        p.add_argument(
-            "--split", choices=("train", "test"), default=d.split,
-            help="which IDX files to read: train-* or t10k-* (default %(default)s)",
-        )
-        p.add_argument("--model", choices=("mlp", "conv"), default=d.model, help="energy network (default %(default)s)")
-        p.add_argument(
-            "--channels", type=_positive_int, default=d.channels,
-            help="channels of the first convolution (default %(default)s)",
-        )
-    else:
-        p = sub.add_parser(
+def _digits_subparser(sub: argparse._SubParsersAction, name: str, d) -> argparse.ArgumentParser:
+    """The ``digits`` or ``mnist`` subcommand; ``mnist`` with its data and network options."""
+    if name != "mnist":
+        return sub.add_parser(
             "digits",
             help="the imbalanced-digits experiment on scikit-learn's 8x8 digits (Jarzynski vs PCD)",
             description="Train an MLP energy on scikit-learn's 8x8 digits in unequal proportions with "
             "Jarzynski and PCD and compare the class masses among the walkers with the truth.",
         )
+    p = sub.add_parser(
+        "mnist",
+        help="the imbalanced-digits experiment on MNIST (28x28) from a directory of IDX files",
+        description="Train a small convolutional energy on MNIST digits in unequal proportions with "
+        "Jarzynski and PCD and compare the class masses among the walkers with the truth.",
+    )
+    p.add_argument("--data-dir", required=True, help="directory with the MNIST IDX files (gzipped or not)")
+    p.add_argument(
+        "--split", choices=("train", "test"), default=d.split,
+        help="which IDX files to read: train-* or t10k-* (default %(default)s)",
+    )
+    p.add_argument("--model", choices=("mlp", "conv"), default=d.model, help="energy network (default %(default)s)")
+    p.add_argument(
+        "--channels", type=_positive_int, default=d.channels,
+        help="channels of the first convolution (default %(default)s)",
+    )
+    return p
+
+
+def _add_digit_subset_options(p: argparse.ArgumentParser, d) -> None:
+    """Which digits, in which proportions, how many training images."""
     p.add_argument("--classes", type=_classes, default=d.classes, help="comma list of digits (default 2,3,6)")
     p.add_argument(
         "--proportions", type=_classes, default=d.proportions,
@@ -240,11 +241,10 @@ def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
         "--num-samples", type=_positive_int, default=d.num_samples,
         help="training images, a multiple of the proportions' sum (default %(default)s)",
     )
-    p.add_argument("--hidden", type=_positive_int, default=d.hidden, help="hidden units (default %(default)s)")
-    _add_training_options(
-        p, d, output_dir=os.path.join("results", name), learning_rate_help="SGD learning rate",
-        methods_help="comma-separated subset of jarzynski,pcd,cd (default jarzynski,pcd)",
-    )
+
+
+def _add_sgd_options(p: argparse.ArgumentParser, d) -> None:
+    """Weight decay and gradient clipping of the SGD optimiser."""
     p.add_argument(
         "--weight-decay", type=_nonnegative_float, default=d.weight_decay, help="SGD weight decay (default %(default)s)"
     )
@@ -252,6 +252,10 @@ def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
         "--clip-norm", type=_positive_float, default=d.clip_norm,
         help="gradient clipping: largest global norm of the cross-entropy gradient (default %(default)s)",
     )
+
+
+def _add_moves_and_data_options(p: argparse.ArgumentParser, d) -> None:
+    """ULA moves per iteration, the noisy copies of the images and the data minibatch."""
     p.add_argument(
         "--num-mcmc-steps", "--num-steps", dest="num_mcmc_steps", type=_positive_int,
         default=d.num_mcmc_steps,
@@ -270,6 +274,21 @@ def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
         default=d.data_batch_size,
         help="data minibatch (default %(default)s: all images)",
     )
+
+
+def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
+    from numpyro_ebm.experiments.digits import DigitsConfig, mnist_defaults
+
+    d = mnist_defaults() if name == "mnist" else DigitsConfig()
+    p = _digits_subparser(sub, name, d)
+    _add_digit_subset_options(p, d)
+    p.add_argument("--hidden", type=_positive_int, default=d.hidden, help="hidden units (default %(default)s)")
+    _add_training_options(
+        p, d, output_dir=os.path.join("results", name), learning_rate_help="SGD learning rate",
+        methods_help="comma-separated subset of jarzynski,pcd,cd (default jarzynski,pcd)",
+    )
+    _add_sgd_options(p, d)
+    _add_moves_and_data_options(p, d)
 
 
 def _run_digits_like(args: argparse.Namespace) -> int:

@@ -82,9 +82,9 @@ def test_docstring_markup_is_rendered(site):
         assert not re.search(r":(math|func|class|meth|mod|attr):`", text), page.name
         assert ".. math::" not in text, page.name
         assert 'class="arithmatex"' not in text, f"{page.name}: TeX left unconverted"
-    train = (site / "api" / "train.html").read_text(encoding="utf-8")
-    assert "<math" in train
-    assert 'href="jarzynski_ula.html#numpyro_ebm.jarzynski_ula' in train
+    fit_page = (site / "api" / "training.fit.html").read_text(encoding="utf-8")
+    assert "<math" in fit_page
+    assert 'href="kernels.base.html#numpyro_ebm.kernels.base.JarzynskiState' in fit_page
     # no network access is needed to view the site: no web fonts, no remote scripts
     index = (site / "index.html").read_text(encoding="utf-8")
     assert "fonts.googleapis" not in index
@@ -127,7 +127,7 @@ def test_built_pages_have_no_stray_caret_and_wrap_long_formulas(site):
     stray = re.compile(r"<mover><mrow>(?:(?!</mover>).)*<mo>&#x0005E;</mo></mover>", re.DOTALL)
     for page in sorted(site.rglob("*.html")):
         assert not stray.search(page.read_text(encoding="utf-8")), page.name
-    for page in (site / "index.html", site / "api" / "jarzynski_ula.html"):
+    for page in (site / "index.html", site / "api" / "kernels.jarzynski_ula.html"):
         text = page.read_text(encoding="utf-8")
         pieces = re.findall(r'<span class="math-display math-pieces">(.*?)</span>', text, re.DOTALL)
         alpha = [p for p in pieces if "&#x003B1;" in p]  # the alpha_k update

@@ -54,8 +54,14 @@ def run_new(name, **overrides):
     return fit(u, params, data, **opts)
 
 
+# Cases allowed to differ in the last bits (relative and absolute tolerance): the adaptive
+# schedule's while-loop body is compiled differently by XLA since the trainer counts
+# lineages (an integer computation), which moves some float64 results by ~1e-16 that 25
+# iterations carry on; with the lineage count removed it is bit for bit (checked by hand).
+LAST_BITS = {"adaptive": 1e-12}
+
 # trace entries added since the reference was recorded
-NEW_KEYS = {"trace['substep_target_missed']"}
+NEW_KEYS = {"trace['substep_target_missed']", "trace['num_lineages']"}
 
 
 def assert_matches_reference(name, result):
@@ -66,7 +72,13 @@ def assert_matches_reference(name, result):
         assert np.isnan(got.pop("state.log_normalizer"))
         want.pop("state.log_normalizer")
     for key, value in want.items():
-        np.testing.assert_array_equal(got[key], value, err_msg=f"{name}: {key}")
+        if name in LAST_BITS and np.issubdtype(np.asarray(value).dtype, np.floating):
+            finite = np.isfinite(value)
+            np.testing.assert_array_equal(np.isfinite(got[key]), finite, err_msg=f"{name}: {key}")
+            np.testing.assert_allclose(np.asarray(got[key])[finite], np.asarray(value)[finite],
+                                       rtol=LAST_BITS[name], atol=LAST_BITS[name], err_msg=f"{name}: {key}")
+        else:
+            np.testing.assert_array_equal(got[key], value, err_msg=f"{name}: {key}")
 
 
 @pytest.mark.parametrize("name", ["jarzynski", "jarzynski_f32", "pcd", "cd", "adaptive",

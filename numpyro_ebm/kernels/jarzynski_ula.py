@@ -9,10 +9,11 @@ weighted for :math:`\theta_{k+1}`:
 1. ULA move under :math:`\theta_k` (gradient cached in the state, no new evaluation):
    :math:`X' = X - h \nabla U_k(X) + \sqrt{2h}\,\xi`, :math:`\xi \sim N(0, I)`.
 2. One evaluation of :math:`U_{k+1}, \nabla U_{k+1}` at :math:`X'` (cached for the next
-   move) and the weight update :math:`A' = A + \alpha_k(X, X') - \alpha_{k+1}(X', X)` with
+   move) and the weight update
 
    .. math::
 
+      A' = A + \alpha_k(X, X') - \alpha_{k+1}(X', X), \qquad
       \alpha_k(x, y) = U_k(x) + \tfrac12 (y - x)\cdot\nabla U_k(x)
                        + \tfrac{h}{4} |\nabla U_k(x)|^2 .
 

@@ -216,22 +216,29 @@ class DegeneracyCheck:
     stays below ``ess_floor`` for ``patience`` consecutive iterations, when :math:`\\hat k`
     stays above ``khat`` on consecutive snapshots spanning ``patience`` iterations, or when
     the walkers were resampled in half of some ``max(5 * patience, 100)`` consecutive
-    iterations (each resampling resets the ESS). ``None`` switches a check off. With the
+    iterations (each resampling resets the ESS), or when the walkers descend from fewer than
+    ``lineage_floor`` N walkers of the start of their lineage window
+    (``trace["num_lineages"]``). ``None`` switches a check off. With the
     adaptive kernel, a :class:`~numpyro_ebm.errors.SubstepLimitWarning` when some iteration
     missed the schedule's conditional-ESS target (``trace["substep_target_missed"]``)."""
 
-    def __init__(self, ess_floor: float | None = 0.05, khat: float | None = 0.7, patience: int = 20):
+    def __init__(self, ess_floor: float | None = 0.05, khat: float | None = 0.7, patience: int = 20,
+                 lineage_floor: float | None = 0.05):
         if ess_floor is not None:
             _checks.check_fraction("ess_floor", ess_floor)
         if khat is not None and not math.isfinite(float(khat)):
             raise ValueError(f"`khat` must be finite, got {khat}")
-        self.ess_floor, self.khat = ess_floor, khat
+        if lineage_floor is not None:
+            _checks.check_fraction("lineage_floor", lineage_floor)
+        self.ess_floor, self.khat, self.lineage_floor = ess_floor, khat, lineage_floor
         self.patience = _checks.check_int_at_least("patience", patience, 1)
 
     def on_end(self, ctx: RunContext, result: RunResult):
         if "normalized_ess" not in result.trace:
             return
-        message = degeneracy_message(result.trace, self.ess_floor, self.khat, self.patience)
+        num_walkers = ctx.initial_state.walkers.log_weights.shape[0]
+        message = degeneracy_message(result.trace, self.ess_floor, self.khat, self.patience,
+                                     self.lineage_floor, num_walkers)
         if message is not None:
             warnings.warn(message, WeightDegeneracyWarning, stacklevel=4)
         missed = np.asarray(result.trace.get("substep_target_missed", []), bool)
@@ -334,11 +341,27 @@ def _resampling_rate_finding(trace, patience):
             "weights cannot keep up with the parameter moves")
 
 
+def _lineage_finding(trace, lineage_floor, num_walkers):
+    lineages = np.asarray(trace.get("num_lineages", []))
+    if lineage_floor is None or num_walkers is None or lineages.size == 0:
+        return None
+    low = np.flatnonzero(lineages < lineage_floor * num_walkers)
+    if low.size == 0:
+        return None
+    return (f"the walkers descend from only {int(lineages[low[0]])} of {num_walkers} lineages at "
+            f"iteration {int(low[0])} (fewest: {int(lineages.min())}): resampling is redrawing "
+            "the walkers from a few survivors")
+
+
 def degeneracy_message(
-    trace: dict[str, Any], ess_floor: float | None, khat_max: float | None, patience: int
+    trace: dict[str, Any], ess_floor: float | None, khat_max: float | None, patience: int,
+    lineage_floor: float | None = None, num_walkers: int | None = None,
 ) -> str | None:
     """Text of the weight-degeneracy warning, or ``None`` when the weights stayed healthy."""
     findings = []
+    lineage = _lineage_finding(trace, lineage_floor, num_walkers)
+    if lineage is not None:
+        findings.append(lineage)
     if ess_floor is not None:
         low = trace["normalized_ess"] < ess_floor
         found = _first_long_run(low, patience)
@@ -367,8 +390,9 @@ def degeneracy_message(
         + ". The weighted estimates (gradient, log-normaliser, cross-entropy) are unreliable "
         "there. Try a smaller learning rate or a gradient clip (optax.clip_by_global_norm: "
         "the weight increments grow with the parameter step), more walkers, a smaller "
-        "`step_size`, the adaptive schedule (kernels.adaptive_jarzynski_ula), or more "
-        "frequent resampling (a higher `ess_threshold`)."
+        "`step_size`, the adaptive schedule (kernels.adaptive_jarzynski_ula), rejuvenation "
+        "after resampling (kernels.rejuvenation.with_rejuvenation), or more frequent "
+        "resampling (a higher `ess_threshold`)."
     )
 
 

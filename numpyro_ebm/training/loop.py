@@ -78,6 +78,7 @@ def trace_row(info: TrainInfo, num_walkers: int) -> dict[str, jax.Array]:
         row["normalized_ess"] = info.kernel_info.ess / num_walkers
         row["max_weight"] = jnp.exp(jnp.max(info.log_weights_before_resampling))
         row["resampled"] = info.kernel_info.resampled
+        row["num_lineages"] = info.num_lineages
         if hasattr(info.kernel_info, "num_substeps"):
             row["num_substeps"] = info.kernel_info.num_substeps
             row["substep_target_missed"] = info.kernel_info.target_missed

@@ -55,6 +55,9 @@ class TrainState(NamedTuple):
         gradient (from the last kernel call).
     iteration
         :math:`k`, the number of steps taken (int32 scalar).
+    lineage
+        For each walker, the index of its ancestor at the start of the current lineage
+        window (``lineage_window`` iterations; reset to ``arange(N)`` at each window start).
     """
 
     params: Any
@@ -63,6 +66,7 @@ class TrainState(NamedTuple):
     step_size_state: StepSizeState | None
     walker_grad: Any
     iteration: jax.Array
+    lineage: jax.Array | None = None
 
 
 class TrainInfo(NamedTuple):
@@ -84,6 +88,10 @@ class TrainInfo(NamedTuple):
         With step-size adaptation: the move's weighted acceptance proxy.
     extra
         ``trace_fn(params, walkers)`` at :math:`\\theta_k`, when given.
+    num_lineages
+        (weighted) distinct ancestors, at the start of the lineage window, of the walkers
+        after the step: resampling from a few surviving lineages shows here long before the
+        ESS (reset by each resampling) does.
     kernel_info
         The kernel's own info (ESS, resampling, ancestors, ...).
     """
@@ -98,6 +106,7 @@ class TrainInfo(NamedTuple):
     log_weights_before_resampling: jax.Array | None
     acceptance: jax.Array | None
     extra: Any
+    num_lineages: jax.Array | None
     kernel_info: Any
 
 
@@ -149,6 +158,7 @@ def build_trainer(
     step_size_adaptation: StepSizeAdaptation | None = None,
     trace_fn: Callable[[Any, JarzynskiState], Any] | None = None,
     constrain_walkers: Callable[[JarzynskiState], JarzynskiState] | None = None,
+    lineage_window: int = 100,
 ) -> Trainer:
     """Build the training step for ``potential_fn`` (the energy of ONE sample).
 
@@ -162,6 +172,7 @@ def build_trainer(
     constraints, :mod:`numpyro_ebm.sharding`).
     """
     _check(potential_fn, optimizer, kernel, step_size_adaptation)
+    lineage_window = _checks.check_int_at_least("lineage_window", lineage_window, 1)
     constrain = constrain_walkers or (lambda st: st)
 
     def init(params, particles) -> TrainState:
@@ -170,8 +181,9 @@ def build_trainer(
         if step_size_adaptation is not None:
             step_state = step_size_adaptation.init(jnp.asarray(kernel.step_size, walkers.potential.dtype))
         walker_grad = _initial_walker_grad(potential_fn, kernel, params, walkers)
+        n = walkers.log_weights.shape[0]
         return TrainState(params, optimizer.init(params), walkers, step_state, walker_grad,
-                          jnp.asarray(0, jnp.int32))
+                          jnp.asarray(0, jnp.int32), jnp.arange(n, dtype=jnp.int32))
 
     def step(rng_key, state: TrainState, batch) -> tuple[TrainState, TrainInfo]:
         params, walkers = state.params, state.walkers
@@ -202,14 +214,26 @@ def build_trainer(
             if step_state is not None:
                 acceptance = acceptance_proxy(start, kernel_info.log_weight_increments)
                 step_state = step_size_adaptation.update(step_state, acceptance)
+        ancestors = jax.lax.optimization_barrier(kernel_info.ancestors)
+        lineage, num_lineages = _follow_lineages(state, ancestors, lineage_window)
         info = TrainInfo(optax.tree.norm(grads), data_energy, log_normalizer, cross_entropy,
                          max_abs_potential, h, kernel_info.num_nonfinite, pre, acceptance, extra,
+                         num_lineages if kernel.weighted else None,
                          kernel_info._replace(param_grad=None))
         new_state = TrainState(new_params, opt_state, walkers, step_state, kernel_info.param_grad,
-                               state.iteration + 1)
+                               state.iteration + 1, lineage)
         return new_state, info
 
     return Trainer(init, step, kernel, optimizer, potential_fn)
+
+
+def _follow_lineages(state: TrainState, ancestors: jax.Array, window: int):
+    """Lineage ids after the step (reset at each window start) and how many are distinct."""
+    n = ancestors.shape[0]
+    lineage = state.lineage if state.lineage is not None else jnp.arange(n, dtype=jnp.int32)
+    lineage = jnp.where(state.iteration % window == 0, jnp.arange(n, dtype=jnp.int32), lineage)
+    lineage = lineage[ancestors]
+    return lineage, jnp.sum(jnp.zeros(n, jnp.int32).at[lineage].set(1))
 
 
 def _initial_walker_grad(potential_fn, kernel, params, walkers):
