@@ -451,19 +451,23 @@ def test_one_energy_evaluation_at_the_walkers_and_one_at_the_data_per_iteration(
 
     data, params = small_problem(jnp.float32)
     walkers = jax.random.normal(jax.random.key(0), (16, 2))
-    for method in ("jarzynski", "pcd", "cd"):
-        kernel = KERNEL_MODULES[method].walker_kernel(0.1)
-        trainer = build_trainer(counted, optax.sgd(0.05), kernel)
-        state = trainer.init(params, walkers)
-        counting.append(method)
-        jax.jit(trainer.step).lower(jax.random.key(1), state, data)
-        counting.clear()
-    fallback = {"keep_or_recompute": 1}
-    assert counts == {
-        "jarzynski": {"always": 2, **fallback},
-        "pcd": {"always": 2, **fallback},
-        "cd": {"always": 2, "from_data": 1, **fallback},
-    }
+    from numpyro_ebm.training.penalties import squared_energy
+
+    for penalty in (None, squared_energy(0.01)):  # the energy penalty adds no evaluation
+        counts.clear()
+        for method in ("jarzynski", "pcd", "cd"):
+            kernel = KERNEL_MODULES[method].walker_kernel(0.1)
+            trainer = build_trainer(counted, optax.sgd(0.05), kernel, energy_penalty=penalty)
+            state = trainer.init(params, walkers)
+            counting.append(method)
+            jax.jit(trainer.step).lower(jax.random.key(1), state, data)
+            counting.clear()
+        fallback = {"keep_or_recompute": 1}
+        assert counts == {
+            "jarzynski": {"always": 2, **fallback},
+            "pcd": {"always": 2, **fallback},
+            "cd": {"always": 2, "from_data": 1, **fallback},
+        }, penalty
 
 
 def test_one_energy_evaluation_per_iteration_through_fit():

@@ -52,7 +52,7 @@ from numpyro_ebm.kernels.base import (
     ula_transition_energy,
 )
 from numpyro_ebm.kernels.evaluation import potential_and_grad, weighted_param_grad
-from numpyro_ebm.kernels.jarzynski_ula import check_kernel_args, init
+from numpyro_ebm.kernels.jarzynski_ula import check_kernel_args, init, scaled
 from numpyro_ebm.kernels.langevin import ula_proposal
 
 __all__ = [
@@ -324,6 +324,7 @@ def build_kernel(
     batch_size: int | None = None,
     noise_dtype: Any = None,
     param_grad: bool = False,
+    param_grad_factor: Callable | None = None,
 ) -> Callable:
     """Build the adaptive kernel (module docstring). ``target_ess`` in (0, 1) is the
     conditional ESS fraction each parameter sub-step keeps; other arguments as in
@@ -352,9 +353,9 @@ def build_kernel(
         )
         walker_grad = None
         if param_grad:
-            walker_grad = weighted_param_grad(
-                potential_fn, target, c.state.particles, jnp.exp(c.state.log_weights), batch_size
-            )
+            coefficients = scaled(jnp.exp(c.state.log_weights), c.state.potential, param_grad_factor)
+            walker_grad = weighted_param_grad(potential_fn, target, c.state.particles, coefficients,
+                                              batch_size)
         info = AdaptiveJarzynskiInfo(
             ess=c.ess, resampled=c.num_resampled > 0, ancestors=c.ancestors,
             log_normalizer_increment=c.log_normalizer_increment,
@@ -391,8 +392,9 @@ def walker_kernel(
     def init_fn(potential_fn, particles, params):
         return init(particles, params, potential_fn, walker_batch_size)
 
-    def step_fn(potential_fn, rng_key, state, params, step_size):
-        kernel = build_kernel(potential_fn, default_step_size, *args, param_grad=True)
+    def step_fn(potential_fn, rng_key, state, params, step_size, param_grad_factor=None):
+        kernel = build_kernel(potential_fn, default_step_size, *args, param_grad=True,
+                              param_grad_factor=param_grad_factor)
         return kernel(rng_key, state, params, step_size)
 
     default_step_size = step_size

@@ -109,18 +109,28 @@ def check_kernel_args(
     return _checks.check_int_at_least("num_mcmc_steps", num_mcmc_steps, 1)
 
 
-def _walker_grad(potential_fn, params, state, record, pre_resampling, resampled, ancestors):
+def scaled(weights: jax.Array, potential: jax.Array, factor: Callable | None) -> jax.Array:
+    """``weights * factor(potential)`` (``weights`` when there is no factor); a walker of
+    weight zero keeps coefficient zero whatever its energy."""
+    if factor is None:
+        return weights
+    return jnp.where(weights > 0, weights * factor(jnp.where(weights > 0, potential, 0.0)), 0.0)
+
+
+def _walker_grad(potential_fn, params, state, record, pre, resampled, ancestors, factor=None):
     """:math:`\\sum_i w_i \\nabla_\\theta U_{k+1}(X^i)` at the returned walkers from the fused
     evaluation: a second backward pass with cotangents :math:`c_i` (the new weights, or
-    ``count_i / N`` after resampling, ``count_i`` being the copies made of walker ``i``)."""
+    ``count_i / N`` after resampling, ``count_i`` being the copies made of walker ``i``),
+    times ``factor(U_i)`` when given. ``pre``: ``(log_weights, potential)`` before resampling."""
     n = num_walkers(state)
     weights = jnp.exp(state.log_weights)
     counts = jnp.zeros((n,), weights.dtype).at[ancestors].add(1.0) / n
-    coefficients = jnp.where(resampled, counts, jnp.exp(pre_resampling))
+    coefficients = jnp.where(resampled, counts, jnp.exp(pre[0]))
     return keep_or_recompute(
-        record.param_vjp(coefficients),
+        record.param_vjp(scaled(coefficients, pre[1], factor)),
         ~jnp.any(record.last_nonfinite),
-        lambda: weighted_param_grad(potential_fn, params, state.particles, weights),
+        lambda: weighted_param_grad(potential_fn, params, state.particles,
+                                    scaled(weights, state.potential, factor)),
     )
 
 
@@ -133,6 +143,7 @@ def build_kernel(
     batch_size: int | None = None,
     noise_dtype: Any = None,
     param_grad: bool = False,
+    param_grad_factor: Callable[[jax.Array], jax.Array] | None = None,
 ) -> Callable:
     """Build the Jarzynski-weighted ULA kernel.
 
@@ -165,6 +176,10 @@ def build_kernel(
         (they exist only after :math:`\\nabla_x U`). If the last move's evaluation was not
         finite somewhere it is recomputed at the kept walkers, so it always equals
         :func:`~numpyro_ebm.kernels.evaluation.weighted_param_grad` at the returned state.
+    param_grad_factor
+        With ``param_grad``: ``factor(U) -> per-walker factor``; the walker term becomes
+        :math:`\\sum_i w_i\\, \\mathrm{factor}(U_i) \\nabla_\\theta U(X^i)` (an energy penalty's
+        walker part, :mod:`numpyro_ebm.training.penalties`), from the same passes.
 
     Returns
     -------
@@ -186,18 +201,19 @@ def build_kernel(
             move_key, state, params, potential_fn, h, num_mcmc_steps, weighted=True, fused=fused,
             batch_size=batch_size, noise_dtype=noise_dtype,
         )
-        pre_resampling = state.log_weights
+        pre = (state.log_weights, state.potential)
         state, ess, resampled, ancestors = resample_if_degenerate(
             resample_key, state, resampling_fn, ess_threshold
         )
         walker_grad = None
         if fused:
             walker_grad = _walker_grad(
-                potential_fn, params, state, record, pre_resampling, resampled, ancestors
+                potential_fn, params, state, record, pre, resampled, ancestors, param_grad_factor
             )
         elif param_grad:
             walker_grad = weighted_param_grad(
-                potential_fn, params, state.particles, jnp.exp(state.log_weights), batch_size
+                potential_fn, params, state.particles,
+                scaled(jnp.exp(state.log_weights), state.potential, param_grad_factor), batch_size,
             )
         info = JarzynskiInfo(
             ess=ess,
@@ -263,10 +279,10 @@ def walker_kernel(
     def init_fn(potential_fn, particles, params):
         return init(particles, params, potential_fn, walker_batch_size)
 
-    def step_fn(potential_fn, rng_key, state, params, step_size):
+    def step_fn(potential_fn, rng_key, state, params, step_size, param_grad_factor=None):
         kernel = build_kernel(
             potential_fn, default_step_size, resampling_fn, ess_threshold, num_mcmc_steps,
-            walker_batch_size, noise_dtype, param_grad=True,
+            walker_batch_size, noise_dtype, param_grad=True, param_grad_factor=param_grad_factor,
         )
         return kernel(rng_key, state, params, step_size)
 

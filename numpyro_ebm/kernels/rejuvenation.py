@@ -29,6 +29,7 @@ from blackjax.mcmc import mala
 from numpyro_ebm import _checks
 from numpyro_ebm.kernels.base import ArrayTree, JarzynskiState, PotentialFn, WalkerKernel
 from numpyro_ebm.kernels.evaluation import weighted_param_grad
+from numpyro_ebm.kernels.jarzynski_ula import scaled
 
 __all__ = ["RejuvenatedInfo", "mala_moves", "with_rejuvenation"]
 
@@ -111,15 +112,17 @@ def with_rejuvenation(
     if target_acceptance is not None:
         _checks.check_fraction("target_acceptance", target_acceptance, closed_right=False)
 
-    def step(potential_fn, rng_key, state, params, step_size):
+    def step(potential_fn, rng_key, state, params, step_size, param_grad_factor=None):
         inner_key, move_key = jax.random.split(rng_key)
-        state, info = kernel.step(potential_fn, inner_key, state, params, step_size)
+        extra = {} if param_grad_factor is None else {"param_grad_factor": param_grad_factor}
+        state, info = kernel.step(potential_fn, inner_key, state, params, step_size, **extra)
 
         def rejuvenate(_):
             moved, acceptance, last = mala_moves(move_key, state, potential_fn, step_size, num_moves,
                                                  target_acceptance)
-            grad = weighted_param_grad(potential_fn, params, moved.particles,
-                                       jnp.exp(moved.log_weights), walker_batch_size)
+            coefficients = scaled(jnp.exp(moved.log_weights), moved.potential, param_grad_factor)
+            grad = weighted_param_grad(potential_fn, params, moved.particles, coefficients,
+                                       walker_batch_size)
             return moved, grad, acceptance, last
 
         def keep(_):

@@ -28,6 +28,7 @@ from numpyro_ebm.kernels.base import (
     resolve_step_size,
 )
 from numpyro_ebm.kernels.evaluation import keep_or_recompute, weighted_param_grad
+from numpyro_ebm.kernels.jarzynski_ula import scaled
 from numpyro_ebm.kernels.langevin import ula_moves
 
 __all__ = ["init", "build_kernel", "as_top_level_api", "walker_kernel"]
@@ -62,6 +63,7 @@ def build_kernel(
     batch_size: int | None = None,
     noise_dtype: Any = None,
     param_grad: bool = False,
+    param_grad_factor=None,
 ):
     """Build the unweighted ULA kernel: ``kernel(rng_key, state, params=None,
     step_size=None) -> (JarzynskiState, JarzynskiInfo)`` with equal weights, ESS ``N``, no
@@ -85,14 +87,18 @@ def build_kernel(
         n = num_walkers(state)
         weights = jnp.exp(state.log_weights)
         walker_grad = None
+        coefficients = scaled(weights, state.potential, param_grad_factor)
         if fused:
+            fused_grad = (jax.tree.map(lambda g: g / n, record.param_sum) if param_grad_factor is None
+                          else record.param_vjp(coefficients))
             walker_grad = keep_or_recompute(
-                jax.tree.map(lambda g: g / n, record.param_sum),
+                fused_grad,
                 ~jnp.any(record.last_nonfinite),
-                lambda: weighted_param_grad(potential_fn, params, state.particles, weights),
+                lambda: weighted_param_grad(potential_fn, params, state.particles, coefficients),
             )
         elif param_grad:
-            walker_grad = weighted_param_grad(potential_fn, params, state.particles, weights, batch_size)
+            walker_grad = weighted_param_grad(potential_fn, params, state.particles, coefficients,
+                                              batch_size)
         info = JarzynskiInfo(
             ess=jnp.asarray(n, state.log_weights.dtype),
             resampled=jnp.asarray(False),
@@ -142,9 +148,9 @@ def walker_kernel(
     def init_fn(potential_fn, particles, params):
         return init(particles, params, potential_fn, walker_batch_size)
 
-    def step_fn(potential_fn, rng_key, state, params, step_size):
+    def step_fn(potential_fn, rng_key, state, params, step_size, param_grad_factor=None):
         kernel = build_kernel(potential_fn, default_step_size, num_mcmc_steps, walker_batch_size,
-                              noise_dtype, param_grad=True)
+                              noise_dtype, param_grad=True, param_grad_factor=param_grad_factor)
         return kernel(rng_key, state, params, step_size)
 
     default_step_size = step_size

@@ -175,6 +175,7 @@ def fit(
     log_z0: float | None = None,
     trace_fn: Callable[[Any, JarzynskiState], Any] | None = None,
     step_size_adaptation: StepSizeAdaptation | None = None,
+    energy_penalty: Any = None,
     callbacks: Any = None,
     progress: bool = False,
     chunk_size: int | None = None,
@@ -201,6 +202,8 @@ def fit(
     (:math:`\\log Z_{\\theta_0}`) adds the cross-entropy estimate to the trace.
     ``trace_fn(params, walkers)`` is recorded in ``trace["extra"]``. ``step_size_adaptation``
     (:func:`numpyro_ebm.step_size.step_size_adaptation`) tunes :math:`h` (weighted kernels).
+    ``energy_penalty`` (:func:`numpyro_ebm.training.penalties.squared_energy`) adds a penalty
+    on the energies that **changes the objective** (:mod:`numpyro_ebm.training.penalties`).
     ``callbacks`` (:mod:`numpyro_ebm.training.callbacks`: ``Snapshots``, ``ParetoKhat``,
     ``Checkpoint``, ...) run between chunks of ``chunk_size`` iterations; ``NonFiniteStop``,
     ``DivergenceCheck`` and ``DegeneracyCheck`` are added unless given, and ``progress=True``
@@ -229,7 +232,7 @@ def fit(
         data, params, constrain = sharding.place_for_training(mesh, data, params, num_walkers)
     trainer = build_trainer(potential_fn, optimizer, kernel, log_z0=log_z0,
                             step_size_adaptation=step_size_adaptation, trace_fn=trace_fn,
-                            constrain_walkers=constrain)
+                            constrain_walkers=constrain, energy_penalty=energy_penalty)
     if init_state is None:
         particles = _as_dtype(
             _initial_particles(kernel, init_particles, num_walkers, data, num_data, init_key), dtype
@@ -242,7 +245,8 @@ def fit(
                         f"{type(init_state).__name__}")
     callbacks = _default_callbacks(callbacks, progress)
     _record_settings(callbacks, data_batch_size=data_batch_size, log_z0=log_z0,
-                     trace_fn=trace_fn is not None, step_size_adaptation=step_size_adaptation is not None)
+                     trace_fn=trace_fn is not None, step_size_adaptation=step_size_adaptation is not None,
+                     energy_penalty=None if energy_penalty is None else repr(energy_penalty.alpha))
     try:
         result = run(loop_key, trainer, init_state, num_iterations, data=data,
                      data_batch_size=data_batch_size, chunk_size=chunk_size, callbacks=callbacks)

@@ -33,7 +33,9 @@ from numpyro_ebm import _checks
 from numpyro_ebm.estimators import ce_value_and_grad
 from numpyro_ebm.kernels.base import JarzynskiState, PotentialFn, WalkerKernel
 from numpyro_ebm.kernels.evaluation import weighted_param_grad
+from numpyro_ebm.kernels.jarzynski_ula import scaled
 from numpyro_ebm.step_size import StepSizeAdaptation, StepSizeState, acceptance_proxy
+from numpyro_ebm.training.penalties import EnergyPenalty, penalised_value_and_grad
 
 __all__ = ["TrainState", "TrainInfo", "Trainer", "build_trainer"]
 
@@ -92,6 +94,8 @@ class TrainInfo(NamedTuple):
         (weighted) distinct ancestors, at the start of the lineage window, of the walkers
         after the step: resampling from a few surviving lineages shows here long before the
         ESS (reset by each resampling) does.
+    energy_penalty
+        With an energy penalty: its value at :math:`\\theta_k` (batch and weighted walkers).
     kernel_info
         The kernel's own info (ESS, resampling, ancestors, ...).
     """
@@ -107,6 +111,7 @@ class TrainInfo(NamedTuple):
     acceptance: jax.Array | None
     extra: Any
     num_lineages: jax.Array | None
+    energy_penalty: jax.Array | None
     kernel_info: Any
 
 
@@ -159,6 +164,7 @@ def build_trainer(
     trace_fn: Callable[[Any, JarzynskiState], Any] | None = None,
     constrain_walkers: Callable[[JarzynskiState], JarzynskiState] | None = None,
     lineage_window: int = 100,
+    energy_penalty: EnergyPenalty | None = None,
 ) -> Trainer:
     """Build the training step for ``potential_fn`` (the energy of ONE sample).
 
@@ -173,6 +179,10 @@ def build_trainer(
     """
     _check(potential_fn, optimizer, kernel, step_size_adaptation)
     lineage_window = _checks.check_int_at_least("lineage_window", lineage_window, 1)
+    if energy_penalty is not None and not isinstance(energy_penalty, EnergyPenalty):
+        raise TypeError("`energy_penalty` must be an EnergyPenalty, e.g. "
+                        "numpyro_ebm.training.penalties.squared_energy(0.01)")
+    kernel_extra = {} if energy_penalty is None else {"param_grad_factor": energy_penalty.walker_factor}
     constrain = constrain_walkers or (lambda st: st)
 
     def init(params, particles) -> TrainState:
@@ -180,7 +190,8 @@ def build_trainer(
         step_state = None
         if step_size_adaptation is not None:
             step_state = step_size_adaptation.init(jnp.asarray(kernel.step_size, walkers.potential.dtype))
-        walker_grad = _initial_walker_grad(potential_fn, kernel, params, walkers)
+        factor = None if energy_penalty is None else energy_penalty.walker_factor
+        walker_grad = _initial_walker_grad(potential_fn, kernel, params, walkers, factor)
         n = walkers.log_weights.shape[0]
         return TrainState(params, optimizer.init(params), walkers, step_state, walker_grad,
                           jnp.asarray(0, jnp.int32), jnp.arange(n, dtype=jnp.int32))
@@ -188,7 +199,15 @@ def build_trainer(
     def step(rng_key, state: TrainState, batch) -> tuple[TrainState, TrainInfo]:
         params, walkers = state.params, state.walkers
         _, move_key, restart_key = jax.random.split(rng_key, 3)
-        data_energy, grads = ce_value_and_grad(potential_fn, params, batch, walkers, state.walker_grad)
+        penalty = None
+        if energy_penalty is None:
+            data_energy, grads = ce_value_and_grad(potential_fn, params, batch, walkers,
+                                                   state.walker_grad)
+        else:
+            data_energy, penalty, grads = penalised_value_and_grad(
+                energy_penalty, potential_fn, params, batch, state.walker_grad)
+            penalty = penalty + energy_penalty.walker_value(walkers.potential,
+                                                            jnp.exp(walkers.log_weights))
         log_normalizer = cross_entropy = None
         if kernel.weighted:
             log_normalizer = walkers.log_normalizer
@@ -206,7 +225,7 @@ def build_trainer(
                         walkers.potential.dtype)
         live = jnp.isfinite(walkers.log_weights)
         max_abs_potential = jnp.max(jnp.where(live, jnp.abs(walkers.potential), 0.0))
-        walkers, kernel_info = kernel.step(potential_fn, move_key, walkers, new_params, h)
+        walkers, kernel_info = kernel.step(potential_fn, move_key, walkers, new_params, h, **kernel_extra)
         walkers = constrain(walkers)
         pre = acceptance = None
         if kernel.weighted:
@@ -218,7 +237,7 @@ def build_trainer(
         lineage, num_lineages = _follow_lineages(state, ancestors, lineage_window)
         info = TrainInfo(optax.tree.norm(grads), data_energy, log_normalizer, cross_entropy,
                          max_abs_potential, h, kernel_info.num_nonfinite, pre, acceptance, extra,
-                         num_lineages if kernel.weighted else None,
+                         num_lineages if kernel.weighted else None, penalty,
                          kernel_info._replace(param_grad=None))
         new_state = TrainState(new_params, opt_state, walkers, step_state, kernel_info.param_grad,
                                state.iteration + 1, lineage)
@@ -236,10 +255,11 @@ def _follow_lineages(state: TrainState, ancestors: jax.Array, window: int):
     return lineage, jnp.sum(jnp.zeros(n, jnp.int32).at[lineage].set(1))
 
 
-def _initial_walker_grad(potential_fn, kernel, params, walkers):
+def _initial_walker_grad(potential_fn, kernel, params, walkers, factor=None):
     batch_size = kernel.config.get("walker_batch_size")
+    coefficients = scaled(jnp.exp(walkers.log_weights), walkers.potential, factor)
     return jax.jit(weighted_param_grad, static_argnums=(0, 4))(
-        potential_fn, params, walkers.particles, jnp.exp(walkers.log_weights), batch_size
+        potential_fn, params, walkers.particles, coefficients, batch_size
     )
 
 
