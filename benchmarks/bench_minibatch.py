@@ -58,8 +58,9 @@ def main():
             fn(data, jax.random.fold_in(key, r)).block_until_ready()
             times.append(1e3 * (time.perf_counter() - t0) / a.iterations)
         print(f"  {name:<40} {statistics.median(times):8.3f} ms/it (median of {a.repeats})")
-    print("  (the epoch scheme's first permutation is inside the timed scan: its cost is "
-          f"shared by {min(a.iterations, per_epoch)} iterations here)")
+    print("  (the epoch scheme's permutation of the first epoch is inside the timed scan: its "
+          f"cost is shared by {min(a.iterations, per_epoch)} iterations here, by {per_epoch} in a "
+          "whole epoch)")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,9 @@ def trace_row(info: TrainInfo, num_walkers: int) -> dict[str, jax.Array]:
 
 
 def _batch_source(rng_key, data, data_batch_size):
-    """``(first_order(k), next_batch(order, k))`` for full or per-epoch minibatches."""
+    """``(first_order(k), next_batch(order, k))`` for full or per-epoch minibatches. The
+    order is carried with the epoch it belongs to and drawn again only when a new epoch
+    starts (one permutation per epoch)."""
     if data_batch_size is None:
         return (lambda k: None), (lambda order, k: (data, order))
     n = jax.tree.leaves(data)[0].shape[0]
@@ -102,13 +104,17 @@ def _batch_source(rng_key, data, data_batch_size):
         first = k - k % per_epoch
         return jax.random.permutation(jax.random.split(jax.random.fold_in(rng_key, first), 3)[0], n)
 
-    def next_batch(order, k):
-        j = k % per_epoch
-        order = jax.lax.cond(j == 0, lambda: order_of_epoch_at(k), lambda: order)
-        idx = jax.lax.dynamic_slice_in_dim(order, j * data_batch_size, data_batch_size)
-        return jax.tree.map(lambda leaf: leaf[idx], data), order
+    def first_order(k):  # none yet: the first iteration draws its epoch's order
+        return jnp.zeros((n,), jnp.int32), jnp.asarray(-1, jnp.int32)
 
-    return order_of_epoch_at, next_batch
+    def next_batch(carried, k):
+        order, epoch = carried
+        order = jax.lax.cond(k // per_epoch == epoch, lambda: order,
+                             lambda: order_of_epoch_at(k).astype(jnp.int32))
+        idx = jax.lax.dynamic_slice_in_dim(order, (k % per_epoch) * data_batch_size, data_batch_size)
+        return jax.tree.map(lambda leaf: leaf[idx], data), (order, jnp.asarray(k // per_epoch, jnp.int32))
+
+    return first_order, next_batch
 
 
 def _chunk_functions(trainer: Trainer, rng_key, data_batch_size, num_walkers, weighted):

@@ -60,6 +60,8 @@ class TrainState(NamedTuple):
     lineage
         For each walker, the index of its ancestor at the start of the current lineage
         window (``lineage_window`` iterations; reset to ``arange(N)`` at each window start).
+    num_lineages
+        The number of distinct values in ``lineage``.
     """
 
     params: Any
@@ -69,6 +71,7 @@ class TrainState(NamedTuple):
     walker_grad: Any
     iteration: jax.Array
     lineage: jax.Array | None = None
+    num_lineages: jax.Array | None = None
 
 
 class TrainInfo(NamedTuple):
@@ -194,7 +197,8 @@ def build_trainer(
         walker_grad = _initial_walker_grad(potential_fn, kernel, params, walkers, factor)
         n = walkers.log_weights.shape[0]
         return TrainState(params, optimizer.init(params), walkers, step_state, walker_grad,
-                          jnp.asarray(0, jnp.int32), jnp.arange(n, dtype=jnp.int32))
+                          jnp.asarray(0, jnp.int32), jnp.arange(n, dtype=jnp.int32),
+                          jnp.asarray(n, jnp.int32))
 
     def step(rng_key, state: TrainState, batch) -> tuple[TrainState, TrainInfo]:
         params, walkers = state.params, state.walkers
@@ -233,26 +237,32 @@ def build_trainer(
             if step_state is not None:
                 acceptance = acceptance_proxy(start, kernel_info.log_weight_increments)
                 step_state = step_size_adaptation.update(step_state, acceptance)
-        ancestors = jax.lax.optimization_barrier(kernel_info.ancestors)
-        lineage, num_lineages = _follow_lineages(state, ancestors, lineage_window)
+        lineage, num_lineages = _follow_lineages(state, kernel_info.ancestors, kernel_info.resampled,
+                                                 lineage_window)
         info = TrainInfo(optax.tree.norm(grads), data_energy, log_normalizer, cross_entropy,
                          max_abs_potential, h, kernel_info.num_nonfinite, pre, acceptance, extra,
                          num_lineages if kernel.weighted else None, penalty,
                          kernel_info._replace(param_grad=None))
         new_state = TrainState(new_params, opt_state, walkers, step_state, kernel_info.param_grad,
-                               state.iteration + 1, lineage)
+                               state.iteration + 1, lineage, num_lineages)
         return new_state, info
 
     return Trainer(init, step, kernel, optimizer, potential_fn)
 
 
-def _follow_lineages(state: TrainState, ancestors: jax.Array, window: int):
-    """Lineage ids after the step (reset at each window start) and how many are distinct."""
+def _follow_lineages(state: TrainState, ancestors: jax.Array, resampled: jax.Array, window: int):
+    """Lineage ids after the step (reset at each window start) and how many are distinct;
+    recounted only when the walkers were resampled (otherwise nothing changed)."""
     n = ancestors.shape[0]
-    lineage = state.lineage if state.lineage is not None else jnp.arange(n, dtype=jnp.int32)
-    lineage = jnp.where(state.iteration % window == 0, jnp.arange(n, dtype=jnp.int32), lineage)
-    lineage = lineage[ancestors]
-    return lineage, jnp.sum(jnp.zeros(n, jnp.int32).at[lineage].set(1))
+    reset = state.iteration % window == 0
+    lineage = jnp.where(reset, jnp.arange(n, dtype=jnp.int32), state.lineage)
+    count = jnp.where(reset, jnp.asarray(n, jnp.int32), state.num_lineages)
+
+    def follow(_):
+        followed = lineage[ancestors]
+        return followed, jnp.sum(jnp.zeros(n, jnp.int32).at[followed].set(1), dtype=jnp.int32)
+
+    return jax.lax.cond(resampled, follow, lambda _: (lineage, count), None)
 
 
 def _initial_walker_grad(potential_fn, kernel, params, walkers, factor=None):
