@@ -67,3 +67,17 @@ def test_healthy_run_keeps_its_lineages():
             num_iterations=50, rng_key=jax.random.key(3),
         )
     assert result.trace["num_lineages"].min() >= 0.5 * 64
+
+
+def test_lineages_reach_the_arviz_datatree():
+    from numpyro_ebm import diagnostics
+
+    result = numpyro_ebm.fit(
+        u, jnp.zeros(2), DATA, optimizer=optax.sgd(0.05),
+        kernel=jarzynski_ula.walker_kernel(0.3, ess_threshold=1.0), num_walkers=16,
+        init_particles=WALKERS, num_iterations=12, rng_key=jax.random.key(3),
+        callbacks=[cbs.DegeneracyCheck(ess_floor=None, lineage_floor=None)],
+    )
+    dt = diagnostics.to_datatree(result)
+    np.testing.assert_array_equal(np.asarray(dt["sample_stats"]["num_lineages"]).ravel(),
+                                  result.trace["num_lineages"])

@@ -29,6 +29,15 @@ _STAT_FIELDS = (
     "data_energy",
     "grad_norm",
     "step_size",
+    "num_lineages",
+    "num_nonfinite",
+    "max_abs_potential",
+    "num_substeps",
+    "substep_target_missed",
+    "acceptance",
+    "rejuvenated",
+    "mala_acceptance",
+    "energy_penalty",
 )
 _SAMPLE_DIMS = ["chain", "draw"]
 

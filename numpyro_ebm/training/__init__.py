@@ -1,7 +1,7 @@
 """Training: a pure step (:func:`build_trainer`), a thin loop (:func:`run`), host-side
 callbacks (:mod:`~numpyro_ebm.training.callbacks`) and the convenience :func:`fit`."""
 
-from numpyro_ebm.training import callbacks, penalties
+from numpyro_ebm.training import callbacks, labels, penalties
 from numpyro_ebm.training.callbacks import (
     EnergyDivergenceWarning,
     NonFiniteError,
@@ -14,6 +14,7 @@ from numpyro_ebm.training.trainer import Trainer, TrainInfo, TrainState, build_t
 __all__ = [
     "callbacks",
     "penalties",
+    "labels",
     "build_trainer",
     "Trainer",
     "TrainState",

@@ -1,0 +1,40 @@
+"""Per-label mass and ESS of weighted walkers (training.labels)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import numpyro_ebm
+from numpyro_ebm.training.labels import label_mass_and_ess, label_trace
+
+
+def test_label_mass_and_ess_by_hand():
+    labels = jnp.array([0, 0, 1, 2, 2, 2])
+    w = np.array([0.1, 0.3, 0.2, 0.1, 0.1, 0.2])
+    mass, ess = label_mass_and_ess(labels, jnp.log(jnp.asarray(w)), 4)
+    np.testing.assert_allclose(mass, [0.4, 0.2, 0.4, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(ess, [0.16 / 0.1, 1.0, 0.16 / 0.06, 0.0], rtol=1e-5)
+    # weight-zero walkers count for nothing
+    mass, ess = label_mass_and_ess(labels, jnp.array([0.0, -jnp.inf, 0, 0, 0, 0]), 3)
+    np.testing.assert_allclose(mass, [0.2, 0.2, 0.6], rtol=1e-6)
+    np.testing.assert_allclose(ess[0], 1.0, rtol=1e-6)
+
+
+def test_label_trace_in_fit():
+    """The sign of the first coordinate as the label: the masses sum to 1 at every
+    iteration, and the label ESS sum is at most N."""
+    data = jax.random.normal(jax.random.key(0), (100, 2)) + jnp.array([1.0, 0.0])
+    walkers = jax.random.normal(jax.random.key(1), (64, 2))
+    trace_fn = label_trace(lambda x: (x[:, 0] > 0).astype(jnp.int32), 2)
+    result = numpyro_ebm.fit(
+        lambda p, x: 0.5 * jnp.sum((x - p) ** 2), jnp.zeros(2), data, optimizer=optax.sgd(0.05),
+        kernel="jarzynski", step_size=0.1, num_walkers=64, init_particles=walkers,
+        num_iterations=10, rng_key=jax.random.key(2), trace_fn=trace_fn)
+    mass = result.trace["extra"]["label_mass"]
+    assert mass.shape == (10, 2)
+    np.testing.assert_allclose(mass.sum(1), 1.0, rtol=1e-5)
+    assert np.all(result.trace["extra"]["label_ess"].sum(1) <= 64 + 1e-3)
+    with pytest.raises(ValueError, match="`num_labels`"):
+        label_trace(lambda x: x, 0)
