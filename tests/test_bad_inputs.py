@@ -130,10 +130,15 @@ def test_mixed_precision_is_cast_by_the_stated_rule():
 
 
 def test_numpy_data_with_minibatches_and_cd():
-    """NumPy data (as load_digits returns) with data_batch_size and with CD."""
-    fit(data_batch_size=8)
-    fit(kernel="cd", init_particles=None)
-    fit(data=DATA.astype(np.float64), params=np.zeros(2, np.float32), init_particles=np.asarray(WALKERS))
+    """NumPy data (as load_digits returns) with data_batch_size and with CD: the runs
+    complete (they used to fail with TracerArrayConversionError) with finite results, and
+    NumPy float64 data are cast to the float32 energy."""
+    for result in (fit(data_batch_size=8), fit(kernel="cd", init_particles=None)):
+        assert np.all(np.isfinite(np.asarray(result.params)))
+        assert np.all(np.isfinite(result.trace["grad_norm"]))
+    mixed = fit(data=DATA.astype(np.float64), params=np.zeros(2, np.float32),
+                init_particles=np.asarray(WALKERS))
+    assert mixed.state.particles.dtype == jnp.float32
 
 
 def test_default_walkers_warn_for_weighted_kernels_unless_said():

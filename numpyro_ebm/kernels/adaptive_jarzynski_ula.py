@@ -46,6 +46,7 @@ from numpyro_ebm.kernels.base import (
     PotentialFn,
     WalkerKernel,
     apply_move,
+    dtype_name,
     per_walker_dot,
     resample_if_degenerate,
     resolve_step_size,
@@ -402,5 +403,5 @@ def walker_kernel(
                   resampling_fn=getattr(resampling_fn, "__name__", str(resampling_fn)),
                   ess_threshold=ess_threshold, num_mcmc_steps=num_mcmc_steps, max_backtracks=max_backtracks,
                   walker_batch_size=walker_batch_size,
-                  noise_dtype=None if noise_dtype is None else str(jnp.dtype(noise_dtype)))
+                  noise_dtype=dtype_name(noise_dtype))
     return WalkerKernel(init_fn, step_fn, None, True, step_size, "adaptive_jarzynski", config)

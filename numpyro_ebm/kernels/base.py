@@ -145,6 +145,29 @@ class WalkerKernel(NamedTuple):
 # ---------------------------------------------------------------------------------------
 
 
+def sampling_algorithm(kernel: Callable, init: Callable, params: ArrayTree,
+                       potential_fn: PotentialFn, batch_size: int | None, *step_args: Any):
+    """``blackjax.SamplingAlgorithm(init_fn, step_fn)`` around a kernel: ``init_fn(position,
+    rng_key=None)`` gives the walkers ``position`` equal weights for ``params``;
+    ``step_fn(rng_key, state, params=None)`` is one kernel call (``step_args`` go between
+    the state and the parameters, e.g. CD's data)."""
+    from blackjax.base import SamplingAlgorithm
+
+    def init_fn(position: ArrayTree, rng_key: jax.Array | None = None) -> JarzynskiState:
+        del rng_key
+        return init(position, params, potential_fn, batch_size)
+
+    def step_fn(rng_key, state, params=None):
+        return kernel(rng_key, state, *step_args, params)
+
+    return SamplingAlgorithm(init_fn, step_fn)
+
+
+def dtype_name(dtype: Any) -> str | None:
+    """A dtype's name for a kernel's recorded settings (``None`` stays ``None``)."""
+    return None if dtype is None else str(jnp.dtype(dtype))
+
+
 def num_walkers(state: JarzynskiState) -> int:
     return state.log_weights.shape[0]
 

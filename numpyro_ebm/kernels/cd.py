@@ -16,7 +16,13 @@ from blackjax.base import SamplingAlgorithm
 
 from numpyro_ebm import _checks
 from numpyro_ebm.kernels import ula
-from numpyro_ebm.kernels.base import ArrayTree, JarzynskiState, PotentialFn, WalkerKernel
+from numpyro_ebm.kernels.base import (
+    ArrayTree,
+    JarzynskiState,
+    PotentialFn,
+    WalkerKernel,
+    sampling_algorithm,
+)
 from numpyro_ebm.kernels.ula import init
 
 __all__ = ["init", "restart_from_data", "build_kernel", "as_top_level_api", "walker_kernel"]
@@ -72,15 +78,7 @@ def as_top_level_api(
     """CD walkers as a ``blackjax.SamplingAlgorithm``: each ``step(rng_key, state,
     params=None)`` restarts from ``data`` and moves ``num_mcmc_steps`` times."""
     kernel = build_kernel(potential_fn, step_size, num_mcmc_steps, batch_size, noise_dtype)
-
-    def init_fn(position: ArrayTree, rng_key: jax.Array | None = None) -> JarzynskiState:
-        del rng_key
-        return init(position, params, potential_fn, batch_size)
-
-    def step_fn(rng_key, state, params=None):
-        return kernel(rng_key, state, data, params)
-
-    return SamplingAlgorithm(init_fn, step_fn)
+    return sampling_algorithm(kernel, init, params, potential_fn, batch_size, data)
 
 
 def walker_kernel(

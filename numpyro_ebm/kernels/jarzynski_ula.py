@@ -50,9 +50,11 @@ from numpyro_ebm.kernels.base import (
     JarzynskiState,
     PotentialFn,
     WalkerKernel,
+    dtype_name,
     num_walkers,
     resample_if_degenerate,
     resolve_step_size,
+    sampling_algorithm,
     uniform_log_weights,
 )
 from numpyro_ebm.kernels.evaluation import keep_or_recompute, potential_and_grad, weighted_param_grad
@@ -93,20 +95,27 @@ def init(
     )
 
 
-def check_kernel_args(
-    step_size, resampling_fn, ess_threshold, num_mcmc_steps, batch_size=None, noise_dtype=None,
-    batch_name="batch_size",
-) -> int:
-    """Validate the arguments the walker kernels share; returns ``num_mcmc_steps``."""
+def check_move_args(step_size, num_mcmc_steps, batch_size=None, noise_dtype=None,
+                    batch_name="batch_size") -> int:
+    """Validate the arguments every ULA-moving kernel has; returns ``num_mcmc_steps``."""
     _checks.check_positive("step_size", step_size)
     if noise_dtype is not None:
         _checks.check_float_dtype("noise_dtype", noise_dtype)
     if batch_size is not None:
         _checks.check_int_at_least(batch_name, batch_size, 1)
+    return _checks.check_int_at_least("num_mcmc_steps", num_mcmc_steps, 1)
+
+
+def check_kernel_args(
+    step_size, resampling_fn, ess_threshold, num_mcmc_steps, batch_size=None, noise_dtype=None,
+    batch_name="batch_size",
+) -> int:
+    """Validate the arguments the weighted kernels share; returns ``num_mcmc_steps``."""
+    num_mcmc_steps = check_move_args(step_size, num_mcmc_steps, batch_size, noise_dtype, batch_name)
     _checks.check_fraction("ess_threshold", ess_threshold)
     if not callable(resampling_fn):
         raise TypeError("`resampling_fn` must be callable (rng_key, weights, num_samples)")
-    return _checks.check_int_at_least("num_mcmc_steps", num_mcmc_steps, 1)
+    return num_mcmc_steps
 
 
 def scaled(weights: jax.Array, potential: jax.Array, factor: Callable | None) -> jax.Array:
@@ -250,15 +259,7 @@ def as_top_level_api(
     kernel = build_kernel(
         potential_fn, step_size, resampling_fn, ess_threshold, num_mcmc_steps, batch_size, noise_dtype
     )
-
-    def init_fn(position: ArrayTree, rng_key: jax.Array | None = None) -> JarzynskiState:
-        del rng_key
-        return init(position, params, potential_fn, batch_size)
-
-    def step_fn(rng_key, state, params=None):
-        return kernel(rng_key, state, params)
-
-    return SamplingAlgorithm(init_fn, step_fn)
+    return sampling_algorithm(kernel, init, params, potential_fn, batch_size)
 
 
 def walker_kernel(
@@ -289,5 +290,5 @@ def walker_kernel(
     default_step_size = step_size
     config = dict(step_size=step_size, resampling_fn=getattr(resampling_fn, "__name__", str(resampling_fn)),
                   ess_threshold=ess_threshold, num_mcmc_steps=num_mcmc_steps, walker_batch_size=walker_batch_size,
-                  noise_dtype=None if noise_dtype is None else str(jnp.dtype(noise_dtype)))
+                  noise_dtype=dtype_name(noise_dtype))
     return WalkerKernel(init_fn, step_fn, None, True, step_size, "jarzynski", config)

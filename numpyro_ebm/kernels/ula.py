@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 from blackjax.base import SamplingAlgorithm
 
-from numpyro_ebm import _checks
 from numpyro_ebm.kernels import jarzynski_ula
 from numpyro_ebm.kernels.base import (
     ArrayTree,
@@ -24,11 +23,13 @@ from numpyro_ebm.kernels.base import (
     JarzynskiState,
     PotentialFn,
     WalkerKernel,
+    dtype_name,
     num_walkers,
     resolve_step_size,
+    sampling_algorithm,
 )
 from numpyro_ebm.kernels.evaluation import keep_or_recompute, weighted_param_grad
-from numpyro_ebm.kernels.jarzynski_ula import scaled
+from numpyro_ebm.kernels.jarzynski_ula import check_move_args, scaled
 from numpyro_ebm.kernels.langevin import ula_moves
 
 __all__ = ["init", "build_kernel", "as_top_level_api", "walker_kernel"]
@@ -47,15 +48,6 @@ def init(
     return state._replace(log_normalizer=jnp.full_like(state.log_normalizer, jnp.nan))
 
 
-def _check_args(step_size, num_mcmc_steps, batch_size, noise_dtype, batch_name="batch_size") -> int:
-    _checks.check_positive("step_size", step_size)
-    if noise_dtype is not None:
-        _checks.check_float_dtype("noise_dtype", noise_dtype)
-    if batch_size is not None:
-        _checks.check_int_at_least(batch_name, batch_size, 1)
-    return _checks.check_int_at_least("num_mcmc_steps", num_mcmc_steps, 1)
-
-
 def build_kernel(
     potential_fn: PotentialFn,
     step_size: float,
@@ -71,7 +63,7 @@ def build_kernel(
     :func:`numpyro_ebm.kernels.jarzynski_ula.build_kernel`; with ``param_grad`` the walker
     term :math:`\\frac1N \\sum_i \\nabla_\\theta U(X^i)` comes from the move's own
     evaluation (one forward and one backward pass)."""
-    num_mcmc_steps = _check_args(step_size, num_mcmc_steps, batch_size, noise_dtype)
+    num_mcmc_steps = check_move_args(step_size, num_mcmc_steps, batch_size, noise_dtype)
     default_step_size = step_size
     fused = param_grad and batch_size is None
 
@@ -124,15 +116,7 @@ def as_top_level_api(
     """Unweighted ULA walkers as a ``blackjax.SamplingAlgorithm`` (as
     :func:`numpyro_ebm.kernels.jarzynski_ula.as_top_level_api`, without weights)."""
     kernel = build_kernel(potential_fn, step_size, num_mcmc_steps, batch_size, noise_dtype)
-
-    def init_fn(position: ArrayTree, rng_key: jax.Array | None = None) -> JarzynskiState:
-        del rng_key
-        return init(position, params, potential_fn, batch_size)
-
-    def step_fn(rng_key, state, params=None):
-        return kernel(rng_key, state, params)
-
-    return SamplingAlgorithm(init_fn, step_fn)
+    return sampling_algorithm(kernel, init, params, potential_fn, batch_size)
 
 
 def walker_kernel(
@@ -143,7 +127,7 @@ def walker_kernel(
     noise_dtype: Any = None,
 ) -> WalkerKernel:
     """PCD walkers for the trainer: persistent, unweighted ULA chains."""
-    _check_args(step_size, num_mcmc_steps, walker_batch_size, noise_dtype, "walker_batch_size")
+    check_move_args(step_size, num_mcmc_steps, walker_batch_size, noise_dtype, "walker_batch_size")
 
     def init_fn(potential_fn, particles, params):
         return init(particles, params, potential_fn, walker_batch_size)
@@ -155,5 +139,5 @@ def walker_kernel(
 
     default_step_size = step_size
     config = dict(step_size=step_size, num_mcmc_steps=num_mcmc_steps, walker_batch_size=walker_batch_size,
-                  noise_dtype=None if noise_dtype is None else str(jnp.dtype(noise_dtype)))
+                  noise_dtype=dtype_name(noise_dtype))
     return WalkerKernel(init_fn, step_fn, None, False, step_size, "pcd", config)
