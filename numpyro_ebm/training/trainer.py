@@ -271,8 +271,3 @@ def _initial_walker_grad(potential_fn, kernel, params, walkers, factor=None):
     return jax.jit(weighted_param_grad, static_argnums=(0, 4))(
         potential_fn, params, walkers.particles, coefficients, batch_size
     )
-
-
-def check_batch(batch: Any, walkers: JarzynskiState) -> None:
-    """The batch must have the walkers' event shape (named error otherwise)."""
-    _checks.check_same_event_shape("batch", batch, "particles", walkers.particles)
