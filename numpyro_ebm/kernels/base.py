@@ -168,6 +168,21 @@ def dtype_name(dtype: Any) -> str | None:
     return None if dtype is None else str(jnp.dtype(dtype))
 
 
+def moves_info(record: Any, ess: jax.Array, resampled: jax.Array, ancestors: jax.Array,
+               param_grad: ArrayTree) -> JarzynskiInfo:
+    """The :class:`JarzynskiInfo` of a call whose moves left ``record`` (a
+    :class:`~numpyro_ebm.kernels.langevin.MovesRecord`)."""
+    return JarzynskiInfo(
+        ess=ess,
+        resampled=resampled,
+        ancestors=ancestors,
+        log_normalizer_increment=jnp.sum(record.log_normalizer_increments),
+        log_weight_increments=record.log_weight_increments,
+        num_nonfinite=jnp.sum(record.nonfinite).astype(jnp.int32),
+        param_grad=param_grad,
+    )
+
+
 def num_walkers(state: JarzynskiState) -> int:
     return state.log_weights.shape[0]
 

@@ -51,11 +51,13 @@ def build_kernel(
     batch_size: int | None = None,
     noise_dtype: Any = None,
     param_grad: bool = False,
+    param_grad_factor=None,
 ):
     """``kernel(rng_key, state, data, params=None, step_size=None)``: restart the walkers
     from ``data`` (:func:`restart_from_data`), then ``num_mcmc_steps`` unweighted ULA moves
     (:func:`numpyro_ebm.kernels.ula.build_kernel`)."""
-    move = ula.build_kernel(potential_fn, step_size, num_mcmc_steps, batch_size, noise_dtype, param_grad)
+    move = ula.build_kernel(potential_fn, step_size, num_mcmc_steps, batch_size, noise_dtype, param_grad,
+                            param_grad_factor)
 
     def kernel(rng_key, state, data, params=None, step_size=None):
         params = state.params if params is None else params

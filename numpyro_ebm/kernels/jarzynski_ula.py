@@ -46,11 +46,11 @@ from blackjax.smc import resampling
 from numpyro_ebm import _checks
 from numpyro_ebm.kernels.base import (
     ArrayTree,
-    JarzynskiInfo,
     JarzynskiState,
     PotentialFn,
     WalkerKernel,
     dtype_name,
+    moves_info,
     num_walkers,
     resample_if_degenerate,
     resolve_step_size,
@@ -224,16 +224,7 @@ def build_kernel(
                 potential_fn, params, state.particles,
                 scaled(jnp.exp(state.log_weights), state.potential, param_grad_factor), batch_size,
             )
-        info = JarzynskiInfo(
-            ess=ess,
-            resampled=resampled,
-            ancestors=ancestors,
-            log_normalizer_increment=jnp.sum(record.log_normalizer_increments),
-            log_weight_increments=record.log_weight_increments,
-            num_nonfinite=jnp.sum(record.nonfinite).astype(jnp.int32),
-            param_grad=walker_grad,
-        )
-        return state, info
+        return state, moves_info(record, ess, resampled, ancestors, walker_grad)
 
     return kernel
 

@@ -19,11 +19,11 @@ from blackjax.base import SamplingAlgorithm
 from numpyro_ebm.kernels import jarzynski_ula
 from numpyro_ebm.kernels.base import (
     ArrayTree,
-    JarzynskiInfo,
     JarzynskiState,
     PotentialFn,
     WalkerKernel,
     dtype_name,
+    moves_info,
     num_walkers,
     resolve_step_size,
     sampling_algorithm,
@@ -91,15 +91,8 @@ def build_kernel(
         elif param_grad:
             walker_grad = weighted_param_grad(potential_fn, params, state.particles, coefficients,
                                               batch_size)
-        info = JarzynskiInfo(
-            ess=jnp.asarray(n, state.log_weights.dtype),
-            resampled=jnp.asarray(False),
-            ancestors=jnp.arange(n, dtype=jnp.int32),
-            log_normalizer_increment=jnp.sum(record.log_normalizer_increments),
-            log_weight_increments=record.log_weight_increments,
-            num_nonfinite=jnp.sum(record.nonfinite).astype(jnp.int32),
-            param_grad=walker_grad,
-        )
+        info = moves_info(record, jnp.asarray(n, state.log_weights.dtype), jnp.asarray(False),
+                          jnp.arange(n, dtype=jnp.int32), walker_grad)
         return state, info
 
     return kernel
