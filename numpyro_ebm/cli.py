@@ -31,6 +31,7 @@ def _int_at_least(minimum: int, maximum: int | None = None):
 
 
 _positive_int = _int_at_least(1)
+_nonnegative_int = _int_at_least(0)
 _seed = _int_at_least(-(2**63), 2**63 - 1)  # what jax.random.key takes
 
 
@@ -276,6 +277,32 @@ def _add_moves_and_data_options(p: argparse.ArgumentParser, d) -> None:
     )
 
 
+def _acceptance_or_none(text: str):
+    if text.lower() == "none":
+        return None
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1) or be 'none', got {text}")
+    return value
+
+
+def _add_long_run_options(p: argparse.ArgumentParser, d) -> None:
+    """What keeps long runs healthy (issue 13): learning-rate decay, step-size adaptation,
+    rejuvenation, an optional energy penalty, and the classifier that measures the masses."""
+    p.add_argument("--learning-rate-schedule", choices=("constant", "linear"), default=d.learning_rate_schedule,
+                   help="constant, or linear decay to 0 at the last iteration (default %(default)s)")
+    p.add_argument("--target-acceptance", type=_acceptance_or_none, default=d.target_acceptance,
+                   help="adapt the ULA step size so the weights' acceptance proxy approaches this; "
+                   "'none': fixed step size (default %(default)s)")
+    p.add_argument("--rejuvenation-moves", type=_nonnegative_int, default=d.rejuvenation_moves,
+                   help="MALA moves at fixed parameters after each resampling, 0: none (default %(default)s)")
+    p.add_argument("--energy-penalty", type=_nonnegative_float, default=d.energy_penalty,
+                   help="alpha of the squared-energy penalty, which CHANGES THE OBJECTIVE; 0: none "
+                   "(default %(default)s)")
+    p.add_argument("--classifier", choices=("logistic", "cnn"), default=d.classifier,
+                   help="classifier that labels the walkers (default %(default)s)")
+
+
 def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
     from numpyro_ebm.experiments.digits import DigitsConfig, mnist_defaults
 
@@ -289,6 +316,7 @@ def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
     )
     _add_sgd_options(p, d)
     _add_moves_and_data_options(p, d)
+    _add_long_run_options(p, d)
 
 
 def _run_digits_like(args: argparse.Namespace) -> int:
@@ -304,6 +332,8 @@ def _run_digits_like(args: argparse.Namespace) -> int:
         step_size=args.step_size, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         clip_norm=args.clip_norm, num_mcmc_steps=args.num_mcmc_steps, noise_std=args.noise_std,
         noise_copies=args.noise_copies, data_batch_size=args.data_batch_size, methods=args.methods, seed=args.seed,
+        learning_rate_schedule=args.learning_rate_schedule, target_acceptance=args.target_acceptance,
+        rejuvenation_moves=args.rejuvenation_moves, energy_penalty=args.energy_penalty, classifier=args.classifier,
     )
     if mnist:
         changes.update(data_dir=args.data_dir, split=args.split, model=args.model, channels=args.channels)

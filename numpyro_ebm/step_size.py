@@ -63,17 +63,28 @@ def step_size_adaptation(
     kappa: float = 0.75,
     min_step_size: float = 1e-8,
     max_step_size: float = 1e3,
+    initial_exploration: float = 1.0,
 ) -> StepSizeAdaptation:
     """Dual averaging of :math:`\\log h` towards ``target_acceptance`` of the proxy
     :func:`acceptance_proxy`. The step size in the state is the current iterate (not the
-    running average), since during training the target keeps moving."""
+    running average), since during training the target keeps moving.
+
+    Dual averaging shrinks :math:`\\log h` towards :math:`\\mu = \\log(c\\, h_0)` with
+    ``c = initial_exploration``, so its first moves use about :math:`c\\, h_0`. BlackJAX's
+    MCMC warm-up takes :math:`c = 10`, which costs nothing there; with weighted walkers a
+    first move ten times larger than asked is paid in the weights, which cannot recover (on
+    MNIST it left ESS/N = 0.003 after the first iteration, see ``docs/digits.md``). The default
+    :math:`c = 1` starts at the given :math:`h_0`."""
     _checks.check_fraction("target_acceptance", target_acceptance, closed_right=False)
+    _checks.check_positive("initial_exploration", initial_exploration)
     da_init, da_update, _ = dual_averaging_adaptation(target_acceptance, t0, gamma, kappa)
 
     def init(step_size) -> StepSizeState:
         _checks.check_positive("step_size", step_size)
         step_size = jnp.asarray(step_size)
-        return StepSizeState(da_init(step_size), step_size)
+        state = da_init(step_size)
+        state = state._replace(mu=jnp.log(initial_exploration * step_size).astype(state.mu.dtype))
+        return StepSizeState(state, step_size)
 
     def update(state: StepSizeState, acceptance: jax.Array) -> StepSizeState:
         da = da_update(state.dual_averaging, acceptance)

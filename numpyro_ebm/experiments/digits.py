@@ -56,9 +56,13 @@ from numpyro_ebm.experiments.digits_models import (
     class_masses,
     make_energy,
     train_classifier,
+    train_cnn_classifier,
 )
 from numpyro_ebm.training.callbacks import Snapshots
 from numpyro_ebm.training.fit import FitResult, fit
+from numpyro_ebm.training.labels import label_trace
+from numpyro_ebm.step_size import step_size_adaptation
+from numpyro_ebm.training.penalties import squared_energy
 
 __all__ = [
     "DigitsConfig",
@@ -108,6 +112,11 @@ class DigitsConfig:
     max_substeps: int = 10
     ess_threshold: float = 0.5
     num_snapshots: int = 10
+    learning_rate_schedule: str = "linear"
+    rejuvenation_moves: int = 5
+    target_acceptance: float | None = 0.95
+    energy_penalty: float = 0.0
+    classifier: str = "logistic"
     classifier_test_fraction: float = 0.3
     unsure_threshold: float = 0.5
     methods: tuple[str, ...] = EXPERIMENT_METHODS
@@ -122,6 +131,15 @@ class DigitsConfig:
             raise ValueError(f"`schedule` must be 'fixed' or 'adaptive', got {self.schedule!r}")
         if not 0.0 < self.target_ess < 1.0:
             raise ValueError(f"`target_ess` must lie in (0, 1), got {self.target_ess}")
+        if self.learning_rate_schedule not in ("constant", "linear"):
+            raise ValueError("`learning_rate_schedule` must be 'constant' or 'linear', got "
+                             f"{self.learning_rate_schedule!r}")
+        if self.classifier not in ("logistic", "cnn"):
+            raise ValueError(f"`classifier` must be 'logistic' or 'cnn', got {self.classifier!r}")
+        if self.target_acceptance is not None and not 0.0 < self.target_acceptance < 1.0:
+            raise ValueError(f"`target_acceptance` must lie in (0, 1) or be None, got {self.target_acceptance}")
+        if self.rejuvenation_moves < 0 or self.energy_penalty < 0:
+            raise ValueError("`rejuvenation_moves` and `energy_penalty` must be non-negative")
         if self.model not in ("mlp", "conv"):
             raise ValueError(f"`model` must be 'mlp' or 'conv', got {self.model!r}")
         if self.weight_decay < 0 or self.noise_std < 0:
@@ -167,13 +185,26 @@ def load_data(config: DigitsConfig) -> DigitSubset:
 
 
 def mnist_defaults(data_dir: str | None = None) -> DigitsConfig:
-    """Defaults of the MNIST (28x28) run: a small CNN and a CPU-sized budget."""
+    r"""Defaults of the MNIST (28x28) run: a small CNN energy, 1024 walkers and 10^4 updates
+    with the learning rate decayed linearly from 0.002 to 0 (the same total step
+    :math:`\sum_k \mathrm{lr}_k = 10` as 4000 iterations decayed from 0.005, with 2.5 times
+    less :math:`\sum_k \mathrm{lr}_k^2`, which the weight variance follows; see
+    ``docs/digits.md``), rejuvenation after each resampling, a CNN classifier. Minutes on a
+    GPU, hours on a CPU."""
     return DigitsConfig(
         source="mnist", data_dir=data_dir if data_dir is not None else "", split="test",
-        num_samples=1400, model="conv", hidden=64, channels=8, num_walkers=300,
-        num_iterations=1000, step_size=0.01, learning_rate=0.005, weight_decay=0.05, clip_norm=1.0,
-        noise_std=0.0, noise_copies=1, data_batch_size=100,
+        num_samples=1400, model="conv", hidden=64, channels=8, num_walkers=1024,
+        num_iterations=10000, step_size=0.01, learning_rate=0.002, weight_decay=0.05, clip_norm=1.0,
+        noise_std=0.0, noise_copies=1, data_batch_size=100, classifier="cnn",
     )
+
+
+def learning_rate(config: DigitsConfig):
+    """The SGD learning rate: ``config.learning_rate``, constant, or (``"linear"``) decayed
+    linearly to 0 at the last iteration (:func:`optax.linear_schedule`)."""
+    if config.learning_rate_schedule == "linear":
+        return optax.linear_schedule(config.learning_rate, 0.0, config.num_iterations)
+    return config.learning_rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +246,7 @@ def _fit_inputs(config: DigitsConfig, potential_fn: Callable, params: Any, base:
     optimizer = optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
         optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(config.learning_rate),
+        optax.sgd(learning_rate(config)),
     )
     batch_size = None
     if config.data_batch_size is not None and config.data_batch_size < len(train_images):
@@ -228,18 +259,35 @@ def _fit_inputs(config: DigitsConfig, potential_fn: Callable, params: Any, base:
     )
 
 
-def _fit_method(config: DigitsConfig, method: str, inputs: _FitInputs, progress: bool) -> tuple[FitResult, float]:
-    """``(result, wall time in seconds)`` of training with ``method``, compilation included."""
+def make_kernel(config: DigitsConfig, method: str) -> kernels.WalkerKernel:
+    """The walker kernel of ``method`` with ``config``'s settings; Jarzynski kernels get
+    ``config.rejuvenation_moves`` MALA moves after each resampling."""
     kernel = kernels.for_method(
         method, config.step_size, ess_threshold=config.ess_threshold, num_mcmc_steps=config.num_mcmc_steps,
         schedule=config.schedule, target_ess=config.target_ess, max_substeps=config.max_substeps,
     )
+    if kernel.weighted and config.rejuvenation_moves > 0:
+        kernel = kernels.rejuvenation.with_rejuvenation(kernel, config.rejuvenation_moves)
+    return kernel
+
+
+def _fit_method(config: DigitsConfig, method: str, inputs: _FitInputs, classifier: DigitClassifier,
+                progress: bool) -> tuple[FitResult, float]:
+    """``(result, wall time in seconds)`` of training with ``method``, compilation included;
+    the classifier's weighted class masses and per-class ESS are traced every iteration."""
+    kernel = make_kernel(config, method)
+    penalty = squared_energy(config.energy_penalty) if config.energy_penalty > 0 else None
+    adaptation = None
+    if kernel.weighted and config.target_acceptance is not None:
+        adaptation = step_size_adaptation(config.target_acceptance)
     t0 = time.perf_counter()
     result: FitResult = fit(
         inputs.potential_fn, inputs.params, inputs.train_images, optimizer=inputs.optimizer, kernel=kernel,
         num_walkers=config.num_walkers, num_iterations=config.num_iterations, rng_key=inputs.rng_key,
         init_particles=inputs.init_particles, data_batch_size=inputs.data_batch_size,
         log_z0=inputs.log_z0 if method == "jarzynski" else None,
+        trace_fn=label_trace(classifier.label_fn, len(config.classes)), energy_penalty=penalty,
+        step_size_adaptation=adaptation,
         callbacks=[Snapshots(inputs.snapshot_every)], progress=progress,
     )
     jax.block_until_ready(result.params)
@@ -256,6 +304,23 @@ def _snapshot_masses(classifier: DigitClassifier, snaps: dict[str, Any], weighte
     ])
 
 
+def _tail_figures(config: DigitsConfig, entry: dict[str, Any], truth: np.ndarray) -> dict[str, Any]:
+    """The long-run figures: class masses averaged over the last 20% of iterations, the worst
+    snapshot error after the first 20%, the smallest per-class ESS after the first 20%."""
+    masses = entry["mass_trace"]
+    num_iterations = len(masses)
+    tail = masses[int(np.floor(0.8 * num_iterations)):]
+    after = entry["snapshot_iterations"] >= 0.2 * num_iterations
+    snapshot_errors = np.max(np.abs(entry["snapshot_masses"][after] - truth), axis=1)
+    label_ess = entry["label_ess_trace"][int(np.floor(0.2 * num_iterations)):]
+    return {
+        "tail_masses": tail.mean(0),
+        "tail_mass_error": float(np.max(np.abs(tail.mean(0) - truth))),
+        "worst_snapshot_error": float(snapshot_errors.max()) if snapshot_errors.size else float("nan"),
+        "min_label_ess": float(label_ess.min()) if label_ess.size else float("nan"),
+    }
+
+
 def _method_entry(config: DigitsConfig, method: str, result: FitResult, wall: float,
                   classifier: DigitClassifier, truth: np.ndarray) -> dict[str, Any]:
     """The per-method part of :func:`run`'s output (see there)."""
@@ -265,7 +330,8 @@ def _method_entry(config: DigitsConfig, method: str, result: FitResult, wall: fl
     proba = classifier.predict_proba(particles)
     masses = class_masses(proba, log_weights)
     w = np.full(len(particles), 1.0 / len(particles)) if log_weights is None else np.exp(log_weights)
-    snaps = result.trace["snapshots"]
+    trace = result.trace
+    snaps = trace["snapshots"]
     entry = {
         "result": result,
         "masses": masses,
@@ -274,17 +340,27 @@ def _method_entry(config: DigitsConfig, method: str, result: FitResult, wall: fl
         "unsure_fraction": float(np.sum(w * (proba.max(1) < config.unsure_threshold))),
         "snapshot_iterations": np.asarray(snaps["iteration"]),
         "snapshot_masses": _snapshot_masses(classifier, snaps, weighted),
-        "final_data_energy": float(result.trace["data_energy"][-1]),
+        "mass_trace": np.asarray(trace["extra"]["label_mass"], np.float64),
+        "label_ess_trace": np.asarray(trace["extra"]["label_ess"], np.float64),
+        "final_data_energy": float(trace["data_energy"][-1]),
         "wall_time": wall,
     }
+    entry.update(_tail_figures(config, entry, truth))
     if weighted:
-        trace = result.trace
         entry["cross_entropy"] = np.asarray(trace["cross_entropy"])
         entry["final_cross_entropy_estimate"] = float(trace["cross_entropy"][-1])
         entry["num_resampling"] = int(np.sum(trace["resampled"]))
         entry["min_normalized_ess"] = float(np.min(trace["normalized_ess"]))
         entry["mean_normalized_ess"] = float(np.mean(trace["normalized_ess"]))
+        entry["min_lineage_fraction"] = float(np.min(trace["num_lineages"])) / config.num_walkers
     return entry
+
+
+def make_classifier(config: DigitsConfig, data: DigitSubset) -> DigitClassifier:
+    """The classifier ``config.classifier`` names, trained on the images outside the subset."""
+    train = train_cnn_classifier if config.classifier == "cnn" else train_classifier
+    return train(data.rest_images, data.rest_labels, data.classes,
+                 test_fraction=config.classifier_test_fraction, seed=config.seed)
 
 
 def run(
@@ -298,16 +374,17 @@ def run(
     for Jarzynski), ``unweighted_masses``, ``mass_error`` (largest absolute error against the
     truth), ``unsure_fraction`` (weighted share of walkers whose top class probability is
     below ``config.unsure_threshold``), ``snapshot_iterations`` and ``snapshot_masses``
-    (class masses over training), ``num_resampling``, ``min_normalized_ess``, and
-    ``wall_time`` (seconds, compilation included).
+    (class masses over training), ``mass_trace`` and ``label_ess_trace`` (every iteration's
+    weighted class masses and per-class ESS, from the classifier inside the loop),
+    ``tail_masses`` and ``tail_mass_error`` (masses averaged over the last 20% of iterations),
+    ``worst_snapshot_error`` (after the first 20%), ``min_label_ess``, ``num_resampling``,
+    ``min_normalized_ess``, ``min_lineage_fraction`` (fewest distinct ancestors over a
+    lineage window, over N), and ``wall_time`` (seconds, compilation included).
     """
     if data is None:
         data = load_data(config)
     t0 = time.perf_counter()
-    classifier = train_classifier(
-        data.rest_images, data.rest_labels, data.classes, test_fraction=config.classifier_test_fraction,
-        seed=config.seed,
-    )
+    classifier = make_classifier(config, data)
     classifier_time = time.perf_counter() - t0
     potential_fn, params0, base = make_energy(config, data.images)
     inputs = _fit_inputs(config, potential_fn, params0, base, data.images)
@@ -322,37 +399,45 @@ def run(
         "potential_fn": potential_fn,
     }
     for method in config.methods:
-        result, wall = _fit_method(config, method, inputs, progress)
+        result, wall = _fit_method(config, method, inputs, classifier, progress)
         out[method] = _method_entry(config, method, result, wall, classifier, data.fractions)
     return out
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """Plain-text table: class masses of the walkers per method against the truth."""
+    """Plain-text table: class masses of the walkers per method against the truth, at the end
+    and averaged over the last 20% of iterations, with the long-run health figures."""
     config: DigitsConfig = results["config"]
     classes = results["data"].classes
     cols = "".join(f"{'digit ' + str(c):>9}" for c in classes)
-    header = f"{'':<22}{cols} {'max|err|':>9} {'unsure':>7} {'resampl.':>8} {'CE est.':>9} {'wall s':>7}"
+    header = (f"{'':<28}{cols} {'max|err|':>9} {'worst>20%':>9} {'resampl.':>8} {'lineages':>8} "
+              f"{'CE est.':>9} {'wall s':>7}")
     lines = [header, "-" * len(header)]
-    lines.append(f"{'truth':<22}" + "".join(f"{m:>9.3f}" for m in results["truth"]))
+    lines.append(f"{'truth':<28}" + "".join(f"{m:>9.3f}" for m in results["truth"]))
     for method in config.methods:
         r = results[method]
         name = f"{method} ({'weighted' if method == 'jarzynski' else 'equal w.'})"
         ce = r.get("final_cross_entropy_estimate")
+        lineages = r.get("min_lineage_fraction")
         lines.append(
-            f"{name:<22}" + "".join(f"{m:>9.3f}" for m in r["masses"])
-            + f" {r['mass_error']:>9.3f} {r['unsure_fraction']:>7.3f} "
+            f"{name + ', final':<28}" + "".join(f"{m:>9.3f}" for m in r["masses"])
+            + f" {r['mass_error']:>9.3f} {'':>9} "
             f"{(str(r['num_resampling']) if 'num_resampling' in r else 'n/a'):>8} "
+            f"{(f'{lineages:.2f}' if lineages is not None else 'n/a'):>8} "
             f"{(f'{ce:.2f}' if ce is not None else 'n/a'):>9} {r['wall_time']:>7.1f}"
         )
+        lines.append(f"{'  last 20% mean':<28}" + "".join(f"{m:>9.3f}" for m in r["tail_masses"])
+                     + f" {r['tail_mass_error']:>9.3f} {r['worst_snapshot_error']:>9.3f}")
         if method == "jarzynski":
-            lines.append(f"{'  jarzynski unweighted':<22}" + "".join(f"{m:>9.3f}" for m in r["unweighted_masses"]))
+            lines.append(f"{'  unweighted, final':<28}" + "".join(f"{m:>9.3f}" for m in r["unweighted_masses"]))
     data = results["data"]
     clf = results["classifier"]
     lines.append(
         f"training subset: {', '.join(f'{c}: {n}' for c, n in data.counts.items())} images; "
-        f"classifier: logistic regression over {list(classes)}, trained on {clf.num_train} other images, "
-        f"held-out accuracy {clf.test_accuracy:.3f} ({clf.num_test} images)"
+        f"classifier: {clf.kind} over {list(classes)}, trained on {clf.num_train} other images, "
+        f"held-out accuracy {clf.test_accuracy:.3f} ({clf.num_test} images). worst>20%: largest error "
+        "of a snapshot after the first 20% of iterations; lineages: fewest distinct ancestors in a "
+        "100-iteration window, over N"
     )
     return "\n".join(lines)
 
@@ -367,7 +452,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         "counts": {str(c): n for c, n in data.counts.items()},
         "truth": results["truth"].tolist(),
         "classifier": {
-            "kind": "logistic regression over the training classes",
+            "kind": f"{clf.kind} over the training classes",
             "num_train": clf.num_train, "num_test": clf.num_test, "test_accuracy": clf.test_accuracy,
         },
         "log_z0": results["log_z0"],
@@ -382,6 +467,8 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
                 "masses", "unweighted_masses", "mass_error", "unsure_fraction", "final_data_energy",
                 "final_cross_entropy_estimate", "num_resampling", "min_normalized_ess",
                 "mean_normalized_ess", "snapshot_iterations", "snapshot_masses", "wall_time",
+                "tail_masses", "tail_mass_error", "worst_snapshot_error", "min_label_ess",
+                "min_lineage_fraction",
             )
         }
     return out

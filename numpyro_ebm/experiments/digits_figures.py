@@ -53,8 +53,9 @@ def save_figures(results: dict[str, Any], directory: str, prefix: str = "digits"
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    """Save a PNG: class masses over training per method against the truth, and the
-    Jarzynski cross-entropy estimate."""
+    """Save a PNG: the class masses over training per method (every iteration, from the
+    classifier in the loop) against the truth; the Jarzynski walkers' health (ESS/N, distinct
+    lineages over N, resamplings); and the Jarzynski cross-entropy estimate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,39 +63,62 @@ def plot(results: dict[str, Any], path: str) -> None:
 
     config: DigitsConfig = results["config"]
     classes = results["data"].classes
-    truth = results["truth"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax = axes[0]
-    styles = {"jarzynski": "-", "pcd": "--", "cd": ":"}
-    for method in config.methods:
-        r = results[method]
-        for j, c in enumerate(classes):
-            ax.plot(
-                r["snapshot_iterations"], r["snapshot_masses"][:, j], styles[method], color=f"C{j}",
-                marker="o", ms=3, label=f"{method}: digit {c}",
-            )
-    for j in range(len(classes)):
-        ax.axhline(truth[j], color=f"C{j}", lw=0.8, ls="-.", alpha=0.7)
-    ax.set_xlabel("training iteration")
-    ax.set_ylabel("class mass among walkers")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("class masses (dash-dot: truth)", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
-    ax = axes[1]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    _plot_masses(axes[0], results, config, classes)
     if "jarzynski" in config.methods:
+        _plot_health(axes[1], results["jarzynski"]["result"].trace, config.num_walkers)
         ce = results["jarzynski"]["cross_entropy"]
-        ax.plot(np.arange(len(ce)), ce, color="C0", lw=0.8)
-        ax.set_ylabel("Jarzynski cross-entropy estimate (nats)")
-    ax.set_xlabel("training iteration")
-    ax.set_title("cross-entropy estimate (Jarzynski)", fontsize=10)
+        axes[2].plot(np.arange(len(ce)), ce, color="C0", lw=0.8)
+        axes[2].set_ylabel("Jarzynski cross-entropy estimate (nats)")
+    axes[2].set_xlabel("training iteration")
+    axes[2].set_title("cross-entropy estimate (Jarzynski)", fontsize=10)
     data = results["data"]
     fig.suptitle(
         f"{config.source}: digits {'/'.join(map(str, classes))} at "
         f"{':'.join(map(str, data.proportions))} ({', '.join(str(n) for n in data.counts.values())} images), "
-        f"{config.num_walkers} walkers, h={config.step_size}, sgd({config.learning_rate}), clip {config.clip_norm}"
+        f"{config.num_walkers} walkers, h={config.step_size}, sgd({config.learning_rate}, "
+        f"{config.learning_rate_schedule}), clip {config.clip_norm}"
+        + (f", rejuvenation {config.rejuvenation_moves}" if config.rejuvenation_moves else "")
+        + (f", energy penalty {config.energy_penalty}" if config.energy_penalty else "")
         + (f", data noise {config.noise_std} x{config.noise_copies}" if config.noise_std > 0 else ""),
         fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_masses(ax, results, config, classes):
+    styles = {"jarzynski": "-", "pcd": "--", "cd": ":"}
+    for method in config.methods:
+        masses = results[method]["mass_trace"]
+        for j, c in enumerate(classes):
+            ax.plot(np.arange(len(masses)), masses[:, j], styles[method], color=f"C{j}", lw=0.7,
+                    label=f"{method}: digit {c}")
+    for j in range(len(classes)):
+        ax.axhline(results["truth"][j], color=f"C{j}", lw=0.8, ls="-.", alpha=0.7)
+    num_iterations = len(results[config.methods[0]]["mass_trace"])
+    ax.axvspan(0.8 * num_iterations, num_iterations, color="0.9", zorder=0, label="last 20%")
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel("class mass among walkers")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("class masses (dash-dot: truth)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+
+
+def _plot_health(ax, trace, num_walkers):
+    iterations = np.arange(len(trace["normalized_ess"]))
+    ax.plot(iterations, trace["normalized_ess"], color="C0", lw=0.6, label="ESS / N")
+    ax.plot(iterations, np.asarray(trace["num_lineages"]) / num_walkers, color="C3", lw=1.0,
+            label="distinct lineages / N (100-iteration windows)")
+    resampled = np.flatnonzero(np.asarray(trace["resampled"]))
+    ax.plot(resampled, np.full(len(resampled), -0.03), "|", color="k", ms=6,
+            label=f"resampling ({len(resampled)})")
+    if "label_ess" in trace.get("extra", {}):
+        label_ess = np.asarray(trace["extra"]["label_ess"]).min(1) / num_walkers
+        ax.plot(iterations, label_ess, color="C2", lw=0.6, label="smallest per-class ESS / N")
+    ax.axhline(0.05, color="0.5", lw=0.8, ls=":")
+    ax.set_ylim(-0.06, 1.02)
+    ax.set_xlabel("training iteration")
+    ax.set_title("Jarzynski walkers' health", fontsize=10)
+    ax.legend(fontsize=7)

@@ -5,15 +5,14 @@ r"""The networks and the classifier of the imbalanced-digits experiment
   :math:`U_\theta(x) = f_\theta\big((x - \mu)/\sigma_0\big) + |x - \mu|^2/(2\sigma_0^2)` whose
   network :math:`f_\theta` starts at zero, so that the initial model is exactly
   :math:`N(\mu, \sigma_0^2 I)`; :func:`make_energy` builds one for the training images.
-* :class:`DigitClassifier` (:func:`train_classifier`): a logistic regression that labels the
-  walkers; :func:`class_masses` turns its labels into the weighted class masses.
+* the classifiers that label the walkers live in
+  :mod:`numpyro_ebm.experiments.digits_classifier` (re-exported here).
 
 All these names are importable from :mod:`numpyro_ebm.experiments.digits` as well.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from numpyro_ebm.experiments.digits_classifier import (
+    DigitClassifier,
+    class_masses,
+    train_classifier,
+    train_cnn_classifier,
+)
 from numpyro_ebm.potentials import from_flax
 
 if TYPE_CHECKING:
@@ -32,6 +37,7 @@ __all__ = [
     "make_energy",
     "DigitClassifier",
     "train_classifier",
+    "train_cnn_classifier",
     "class_masses",
 ]
 
@@ -95,61 +101,3 @@ def make_energy(config: DigitsConfig, images: np.ndarray) -> tuple[Any, Any, dic
     dim = mean.size
     base = {"mean": mean, "scale": scale, "log_z0": 0.5 * dim * math.log(2 * math.pi * scale**2)}
     return potential_fn, params, base
-
-
-# ---------------------------------------------------------------------------------------
-# classifier
-# ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class DigitClassifier:
-    """A logistic-regression digit classifier over ``classes`` and its held-out accuracy."""
-
-    model: Any
-    classes: tuple[int, ...]
-    test_accuracy: float
-    num_train: int
-    num_test: int
-
-    def predict_proba(self, images: Any) -> np.ndarray:
-        """Class probabilities, shape ``(n, len(classes))``, columns in the order of ``classes``."""
-        x = np.asarray(images, np.float64).reshape(np.shape(images)[0], -1)
-        proba = self.model.predict_proba(x)
-        order = [list(self.model.classes_).index(c) for c in self.classes]
-        return proba[:, order]
-
-
-def train_classifier(
-    images: np.ndarray, labels: np.ndarray, classes: tuple[int, ...], *, test_fraction: float = 0.3,
-    seed: int = 0,
-) -> DigitClassifier:
-    """Fit a logistic regression on a stratified ``1 - test_fraction`` of ``images`` and
-    measure its accuracy on the rest."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-
-    x = np.asarray(images, np.float64).reshape(len(images), -1)
-    y = np.asarray(labels)
-    missing = sorted(set(classes) - set(y.tolist()))
-    if missing:
-        raise ValueError(f"no classifier images of class(es) {missing}")
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
-    model = LogisticRegression(C=0.1, max_iter=2000, class_weight="balanced")
-    model.fit(x_tr, y_tr)
-    accuracy = float(np.mean(model.predict(x_te) == y_te))
-    return DigitClassifier(model, tuple(classes), accuracy, len(y_tr), len(y_te))
-
-
-def class_masses(proba: np.ndarray, log_weights: Any = None) -> np.ndarray:
-    """Weighted share of the walkers labelled as each class (hard labels: the argmax of
-    ``proba``); equal weights when ``log_weights`` is ``None``."""
-    proba = np.asarray(proba)
-    n, k = proba.shape
-    if log_weights is None:
-        w = np.full(n, 1.0 / n)
-    else:
-        lw = np.asarray(log_weights, np.float64)
-        w = np.exp(lw - lw.max())
-        w /= w.sum()
-    return np.bincount(np.argmax(proba, axis=1), weights=w, minlength=k)

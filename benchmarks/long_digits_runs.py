@@ -1,0 +1,156 @@
+"""Long digits / MNIST runs of issue 13 (run by hand, made for a GPU): the experiment defaults
+over 10^4 (MNIST) and 2 x 10^4 (8x8) iterations on two seeds and another class choice, the
+increment-split diagnosis of the old failing MNIST setting, and a few variants.
+
+    python benchmarks/long_digits_runs.py --out DIR --mnist-dir DIR [--budget SECONDS] [--only a,b]
+    python benchmarks/long_digits_runs.py --out DIR --mnist-dir DIR --smoke   # minutes on a CPU
+
+Jobs run one at a time in priority order, each in its own process; a job is skipped when the
+time left in ``--budget`` is below its estimate (from the jobs run so far). Each job writes
+``DIR/<job>.json`` (the experiment's summary and the long-run figures) and ``DIR/<job>.png``
+(:func:`numpyro_ebm.experiments.digits.plot`); after every job the directory is packed into
+``--archive`` (default ``DIR/../long_runs.tar.gz``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def jobs(mnist_dir: str, smoke: bool) -> list[tuple[str, dict]]:
+    """``(name, spec)`` in priority order; ``spec["kind"]`` is ``"run"`` or ``"diagnosis"``."""
+    mnist = {"source": "mnist", "data_dir": mnist_dir}
+    listed = [
+        ("mnist_seed0", {"kind": "run", **mnist, "seed": 0}),
+        ("mnist_seed1", {"kind": "run", **mnist, "seed": 1}),
+        ("digits_seed0", {"kind": "run", "source": "digits", "seed": 0, "num_iterations": 20000}),
+        ("mnist_classes_058_seed0", {"kind": "run", **mnist, "seed": 0, "classes": [0, 5, 8]}),
+        ("digits_seed1", {"kind": "run", "source": "digits", "seed": 1, "num_iterations": 20000}),
+        ("digits_classes_179_seed0", {"kind": "run", "source": "digits", "seed": 0, "classes": [1, 7, 9],
+                                      "num_iterations": 20000}),
+        ("mnist_diagnosis_defaults", {"kind": "diagnosis", **mnist, "seed": 0}),
+        ("mnist_diagnosis_old_defaults", {"kind": "diagnosis", **mnist, "seed": 0, "num_walkers": 1024,
+                                          "num_iterations": 4000, "learning_rate": 0.005,
+                                          "learning_rate_schedule": "constant", "rejuvenation_moves": 0,
+                                          "target_acceptance": None}),
+        ("mnist_no_step_size_adaptation_seed0", {"kind": "run", **mnist, "seed": 0, "target_acceptance": None}),
+    ]
+    if smoke:
+        for _, spec in listed:
+            spec.update(num_iterations=60, num_walkers=64, num_snapshots=3)
+    return listed
+
+
+def config_of(spec: dict):
+    from numpyro_ebm.experiments import digits
+
+    base = digits.mnist_defaults(spec["data_dir"]) if spec["source"] == "mnist" else digits.DigitsConfig()
+    changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items()
+               if k not in ("kind", "source", "data_dir")}
+    return dataclasses.replace(base, **changes)
+
+
+def run_job(name: str, spec: dict, out: str, smoke: bool) -> None:
+    """One job, in this process."""
+    import jax
+
+    from numpyro_ebm.experiments import digits
+
+    config = config_of(spec)
+    if smoke and config.classifier == "cnn":
+        config = dataclasses.replace(config, classifier="logistic")
+    record = {"job": name, "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()}
+    t0 = time.perf_counter()
+    if spec["kind"] == "diagnosis":
+        from numpyro_ebm.experiments import digits_diagnosis as dd
+        from numpyro_ebm.training.increments import accumulated_split
+
+        result = dd.increment_split_run(config)
+        record.update(dd.summarize_split(result["trace"]), wall_time=result["wall_time"])
+        acc = accumulated_split(result["trace"])
+        record["accumulated_every_10"] = {k: v[::10].tolist() for k, v in acc.items()}
+        record["normalized_ess_every_10"] = result["trace"]["normalized_ess"][::10].tolist()
+        dd.plot_increment_split(result["trace"], os.path.join(out, f"{name}.png"),
+                                title=f"{name}: MNIST 2/3/6, {config.num_walkers} walkers, "
+                                f"{config.num_iterations} iterations, lr {config.learning_rate} "
+                                f"({config.learning_rate_schedule}), target acceptance {config.target_acceptance}")
+    else:
+        results = digits.run(config)
+        record.update(digits.summary(results))
+        record["table"] = digits.format_table(results)
+        record["classifier_time"] = results["classifier_time"]
+        for method in config.methods:
+            r = results[method]
+            trace = r["result"].trace
+            keep = {"mass_trace_every_10": r["mass_trace"][::10].tolist()}
+            if method == "jarzynski":
+                keep.update(normalized_ess_every_10=trace["normalized_ess"][::10].tolist(),
+                            step_size_every_10=trace["step_size"][::10].tolist(),
+                            num_lineages_every_10=trace["num_lineages"][::10].tolist(),
+                            resampled_at=[int(i) for i in trace["resampled"].nonzero()[0]])
+            record["methods"][method].update(keep)
+        digits.plot(results, os.path.join(out, f"{name}.png"))
+        print(record["table"], flush=True)
+    record["job_wall_time"] = time.perf_counter() - t0
+    with open(os.path.join(out, f"{name}.json"), "w") as fh:
+        json.dump(record, fh, default=float)
+
+
+def pack(out: str, target: str) -> None:
+    with tarfile.open(target + ".part", "w:gz") as tar:
+        tar.add(out, arcname=os.path.basename(os.path.abspath(out)))
+    os.replace(target + ".part", target)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--mnist-dir", required=True)
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for all jobs")
+    parser.add_argument("--archive", default=None, help="tar.gz of --out, rewritten after each job "
+                        "(default: long_runs.tar.gz beside --out)")
+    parser.add_argument("--only", default=None, help="comma list of job names")
+    parser.add_argument("--smoke", action="store_true", help="tiny settings (a CPU check of the script)")
+    parser.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job here
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    listed = jobs(args.mnist_dir, args.smoke)
+    if args.job is not None:
+        run_job(args.job, dict(listed)[args.job], args.out, args.smoke)
+        return 0
+    if args.only:
+        wanted = args.only.split(",")
+        listed = [(n, s) for n, s in listed if n in wanted]
+    start = time.perf_counter()
+    walls: dict[str, float] = {}
+    for name, spec in listed:
+        left = args.budget - (time.perf_counter() - start)
+        family = "diagnosis" if spec["kind"] == "diagnosis" else spec["source"]
+        estimate = walls.get(family, 0.0)
+        if left < max(estimate, 20.0):
+            print(f"skip {name}: {left:.0f} s left, estimate {estimate:.0f} s", flush=True)
+            continue
+        t0 = time.perf_counter()
+        cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--mnist-dir", args.mnist_dir,
+               "--job", name] + (["--smoke"] if args.smoke else [])
+        try:
+            rc = subprocess.run(cmd, timeout=left).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        walls[family] = max(walls.get(family, 0.0), time.perf_counter() - t0)
+        print(f"job {name}: rc {rc}, {time.perf_counter() - t0:.1f} s", flush=True)
+        pack(args.out, args.archive or os.path.join(os.path.dirname(os.path.abspath(args.out)), "long_runs.tar.gz"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
