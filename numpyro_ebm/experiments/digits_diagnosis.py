@@ -131,8 +131,10 @@ def main(argv=None) -> int:
     changes = {}
     for item in args.set:
         name, value = item.split("=", 1)
+        if not hasattr(config, name):
+            parser.error(f"--set: DigitsConfig has no field {name!r}")
         kind = type(getattr(config, name))
-        changes[name] = kind(value) if kind is not type(None) else int(value)
+        changes[name] = None if value.lower() == "none" else (int(value) if kind is type(None) else kind(value))
     config = dataclasses.replace(config, methods=("jarzynski",), **changes)
     out = increment_split_run(config)
     os.makedirs(args.out, exist_ok=True)
