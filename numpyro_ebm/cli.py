@@ -301,6 +301,11 @@ def _add_long_run_options(p: argparse.ArgumentParser, d) -> None:
                    "(default %(default)s)")
     p.add_argument("--classifier", choices=("logistic", "cnn"), default=d.classifier,
                    help="classifier that labels the walkers (default %(default)s)")
+    p.add_argument("--preset", choices=("theory", "authors"), default="theory",
+                   help="'authors': the settings of the paper authors' public MNIST code, OUTSIDE THE THEORY "
+                   "(tempered subset moves, energy penalty, Adam; see experiments.digits.authors_preset); they "
+                   "replace the step size, learning rate, optimiser, penalty, walkers, batch, moves and "
+                   "resampling options; the other options apply (default %(default)s)")
 
 
 def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
@@ -339,6 +344,8 @@ def _run_digits_like(args: argparse.Namespace) -> int:
         changes.update(data_dir=args.data_dir, split=args.split, model=args.model, channels=args.channels)
     try:
         config = dataclasses.replace(base, **changes)
+        if args.preset == "authors":
+            config = digits.authors_preset(config)
         data = digits.load_data(config)
     except (ValueError, FileNotFoundError) as err:
         print(f"numpyro-ebm {args.command}: error: {err}", file=sys.stderr)

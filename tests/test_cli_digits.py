@@ -110,3 +110,15 @@ def test_digits_command_rejects_inexact_proportions(tmp_path, capsys):
     code = cli.main(["digits", "--num-samples", "100", *TINY, "--output-dir", str(tmp_path)])
     assert code == 2
     assert "num_samples" in capsys.readouterr().err
+
+
+def test_digits_command_with_the_authors_preset(tmp_path, capsys):
+    """--preset authors replaces the sampler/optimiser settings (outside the theory) and keeps
+    the others (iterations, seed, classes)."""
+    argv = ["digits", "--num-iterations", "3", "--hidden", "16", "--no-progress", "--preset", "authors",
+            "--output-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    config = json.loads((tmp_path / "digits.json").read_text())["config"]
+    assert config["preset"] == "authors" and config["num_iterations"] == 3
+    assert config["step_size"] == 5e-5 and config["num_walkers"] == 1024 and config["energy_penalty"] == 0.01
+    assert config["target_acceptance"] is None and config["num_mcmc_steps"] == 30

@@ -133,6 +133,7 @@ def train_cnn_classifier(
     height, width = x_tr.shape[1:]
     graphdef, params = nnx.split(_ConvNet(height, width, len(classes), rngs=nnx.Rngs(seed)))
     optimizer = optax.adam(learning_rate)
+    batch_size = min(batch_size, len(x_tr))
     steps_per_epoch = max(1, len(x_tr) // batch_size)
     class_weight = jnp.asarray(len(y_tr) / (len(classes) * np.bincount(y_tr, minlength=len(classes))), jnp.float32)
     x_tr, y_tr = jnp.asarray(x_tr), jnp.asarray(y_tr)

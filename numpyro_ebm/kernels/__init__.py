@@ -22,6 +22,7 @@ from numpyro_ebm.kernels import (
     evaluation,
     jarzynski_ula,
     langevin,
+    authors_ula,
     rejuvenation,
     summary,
     ula,
@@ -42,6 +43,7 @@ __all__ = [
     "WalkerKernel",
     "for_method",
     "summary",
+    "authors_ula",
     "rejuvenation",
     "summarize_infos",
 ]
