@@ -12,7 +12,8 @@
 
 Shared pieces: :mod:`~numpyro_ebm.kernels.base` (state, info, weight update, resampling),
 :mod:`~numpyro_ebm.kernels.evaluation` (energy evaluations),
-:mod:`~numpyro_ebm.kernels.langevin` (ULA moves).
+:mod:`~numpyro_ebm.kernels.langevin` (ULA moves), :mod:`~numpyro_ebm.kernels.resampling`
+(systematic resampling without a search).
 """
 
 from numpyro_ebm.kernels import (
@@ -23,6 +24,7 @@ from numpyro_ebm.kernels import (
     jarzynski_ula,
     langevin,
     rejuvenation,
+    resampling,
     summary,
     ula,
 )
@@ -43,6 +45,7 @@ __all__ = [
     "for_method",
     "summary",
     "rejuvenation",
+    "resampling",
     "summarize_infos",
 ]
 
