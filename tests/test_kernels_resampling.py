@@ -54,7 +54,7 @@ def test_offspring_counts_are_floor_or_ceil_of_m_w(x64):
     for weights in _weight_vectors(jnp.float64, n):
         expected = np.asarray(n * weights)
         keys = jax.random.split(jax.random.key(5), 20)
-        counts = np.asarray(jax.vmap(lambda k: resampling.offspring_counts(k, weights, n))(keys))
+        counts = np.asarray(jax.vmap(lambda k, w=weights: resampling.offspring_counts(k, w, n))(keys))
         assert np.all(counts.sum(axis=1) == n)
         assert np.all((counts >= np.floor(expected - 1e-9)) & (counts <= np.ceil(expected + 1e-9)))
 
@@ -67,7 +67,7 @@ def test_offspring_counts_are_unbiased_over_u(x64):
     n, num_keys = 500, 1600
     weights = _weight_vectors(jnp.float64, n)[1]
     keys = jax.random.split(jax.random.key(3), num_keys)
-    counts = jax.vmap(lambda k: resampling.offspring_counts(k, weights, n))(keys)
+    counts = jax.vmap(lambda k, w=weights: resampling.offspring_counts(k, w, n))(keys)
     np.testing.assert_allclose(np.mean(np.asarray(counts), axis=0), n * np.asarray(weights), atol=0.075)
 
 
