@@ -212,11 +212,15 @@ def per_walker_dot(a: ArrayTree, b: ArrayTree) -> jax.Array:
 
 
 def per_walker_finite(tree: ArrayTree) -> jax.Array:
-    """True for walkers whose every entry in ``tree`` is finite, shape ``(num_walkers,)``:
-    one fused reduction, :math:`\\sum_j 0 \\cdot v_j` over all of a walker's entries, which
-    is 0 when they are finite and NaN as soon as one is infinite or NaN."""
-    parts = [jnp.sum((leaf * 0).reshape(leaf.shape[0], -1), axis=1) for leaf in jax.tree.leaves(tree)]
-    return jnp.isfinite(sum(parts[1:], parts[0]))
+    """True for walkers whose every entry in ``tree`` is finite, shape ``(num_walkers,)``."""
+    parts = [
+        jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+        for leaf in jax.tree.leaves(tree)
+    ]
+    out = parts[0]
+    for part in parts[1:]:
+        out = out & part
+    return out
 
 
 def all_finite(tree: ArrayTree) -> jax.Array:
@@ -287,15 +291,13 @@ def apply_move(
     log-normaliser estimate becomes NaN (training stops there). Returns the state, the
     increments, the log-normaliser increment and the mask of non-finite walkers.
     """
-    finite = jnp.isfinite(new_potential)
+    finite = per_walker_finite(new_particles) & per_walker_finite(new_grad)
+    finite = finite & jnp.isfinite(new_potential)
     if weighted:
         delta = log_weight_increment(
             state.potential, state.grad, state.particles,
             new_potential, new_grad, new_particles, step_size,
         )
-        # a non-finite entry of X' or grad U_{k+1}(X') makes delta non-finite (X' enters
-        # (X' - X).grad U_k(X) and (X - X').grad U_{k+1}(X'), grad U_{k+1}(X') also
-        # h |grad U_{k+1}(X')|^2, with X, grad U_k(X) finite): one test covers all three
         finite = finite & jnp.isfinite(delta)
         delta = jnp.where(finite, delta, -jnp.inf)
         unnormalised = state.log_weights + delta
@@ -304,7 +306,6 @@ def apply_move(
         log_weights = jnp.where(alive, unnormalised - increment, state.log_weights)
         increment = jnp.where(alive, increment, jnp.nan)
     else:
-        finite = finite & per_walker_finite((new_particles, new_grad))
         delta = jnp.zeros_like(state.log_weights)
         increment = jnp.zeros_like(state.log_normalizer)
         log_weights = state.log_weights
