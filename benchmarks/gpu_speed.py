@@ -11,9 +11,11 @@ training iterations, trace included) compiled ahead of time, one warm-up call, t
 ended by ``block_until_ready``, variants interleaved, median of repeats divided by K.
 Sections (paper GMM: d = 50, 10^4 data, full batch, h = 0.1, ESS threshold 0.5):
 
-* ``iter``: 10^4 walkers, float32 and float64, Jarzynski vs PCD; and Jarzynski forced to
+* ``iter``: 10^4 walkers, float32 and float64, Jarzynski vs PCD; Jarzynski forced to
   resample at every iteration (ESS threshold 1.0) with BlackJAX's ``searchsorted``
-  systematic resampling vs ``numpyro_ebm.kernels.resampling.systematic``;
+  systematic resampling vs ``numpyro_ebm.kernels.resampling.systematic``; and Jarzynski
+  with the run's key made by ``rbg`` / ``unsafe_rbg`` (so the noise is
+  ``jax.random.normal`` of those generators instead of the threefry one);
 * ``resampling``: one systematic resampling of 10^4 (and 10^6) walkers alone, old vs new;
 * ``noise``: 10^4 x 50 standard normals: ``jax.random.normal`` with threefry / rbg /
   unsafe_rbg keys vs ``kernels.langevin.standard_normal`` (float32 and float64);
@@ -57,14 +59,16 @@ def _gmm_problem(num_walkers: int, float64: bool, dim: int = 50, num_data: int =
     return config, data, params0, walkers0
 
 
-def _chunk_variant(config, data, params0, walkers0, kernel, length):
-    """``(compiled chunk, args, length)`` and its compile seconds, for ``timing``."""
+def _chunk_variant(config, data, params0, walkers0, kernel, length, key_impl=None):
+    """``(compiled chunk, args, length)`` and its compile seconds, for ``timing``; the loop
+    key of ``key_impl`` (default: JAX's default, threefry)."""
     from numpyro_ebm.experiments import gmm
     from numpyro_ebm.training import build_trainer
 
     trainer = build_trainer(gmm.mixture_potential, gmm.optimizer(config), kernel)
     state = trainer.init(params0, walkers0)
-    chunk = timing.chunk_runner(trainer, jax.random.key(2), config.num_walkers)
+    key = jax.random.key(2) if key_impl is None else jax.random.key(2, impl=key_impl)
+    chunk = timing.chunk_runner(trainer, key, config.num_walkers)
     compiled, seconds = timing.compile_chunk(chunk, state, data, length)
     return (compiled, (state, data), length), seconds
 
@@ -94,9 +98,13 @@ def section_iter(args, out):
             variants, compile_s = {}, {}
             for name, kernel in _kernels(names).items():
                 variants[name], compile_s[name] = _chunk_variant(*problem, kernel, args.iterations)
+            for impl in ("rbg", "unsafe_rbg"):  # every key of the run from this generator
+                name = f"jarzynski_{impl}_keys"
+                variants[name], compile_s[name] = _chunk_variant(
+                    *problem, _kernels(["jarzynski"])["jarzynski"], args.iterations, key_impl=impl)
             res = timing.time_interleaved(variants, repeats=args.repeats)
         dtype = "float64" if float64 else "float32"
-        for name in names:
+        for name in variants:
             res[name]["compile_s"] = compile_s[name]
         res["jarzynski_over_pcd"] = res["jarzynski"]["ms_per_iteration"] / res["pcd"]["ms_per_iteration"]
         out[f"iter/{n}/{dtype}"] = res

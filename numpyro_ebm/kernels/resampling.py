@@ -1,6 +1,6 @@
 r"""Systematic resampling from offspring counts, without a search.
 
-BlackJAX's :func:`blackjax.smc.resampling.systematic` draws one :math:`u \sim U[0, 1)` and
+BlackJAX's ``blackjax.smc.resampling.systematic`` draws one :math:`u \sim U[0, 1)` and
 gives the :math:`k`-th new walker (:math:`k = 0, \dots, M-1`) the ancestor
 
 .. math::
@@ -21,7 +21,7 @@ ancestor of the :math:`k` with :math:`C_{i-1} < (k + u)/M \le C_i`, i.e. of the 
 the second a histogram of the :math:`F_i` (one scatter-add) and a cumulative sum: two
 parallel passes over the walkers, no search. :math:`n_i` is :math:`\lfloor M w_i \rfloor`
 or :math:`\lceil M w_i \rceil`. :math:`F_i` is decided with BlackJAX's own floating-point
-expression for :math:`(k + u)/M` (:func:`_thresholds`), so for the same key the ancestors
+expression for :math:`(k + u)/M`, so for the same key the ancestors
 are exactly BlackJAX's, in float32 and float64 (``tests/test_kernels_resampling.py``
 checks this on many weight vectors and keys): the same draws, hence the same results.
 """
