@@ -16,7 +16,10 @@ Sections (paper GMM: d = 50, 10^4 data, full batch, h = 0.1, ESS threshold 0.5):
   systematic resampling vs ``numpyro_ebm.kernels.resampling.systematic``; and Jarzynski
   with the run's key made by ``rbg`` / ``unsafe_rbg`` (so the noise is
   ``jax.random.normal`` of those generators instead of the threefry one);
-* ``resampling``: one systematic resampling of 10^4 (and 10^6) walkers alone, old vs new;
+* ``resampling``: one systematic resampling of 10^4 (and 10^6) walkers alone: BlackJAX's,
+  the new default (histogram + cumulative sum) and a collision-free variant (scatter of
+  each walker's first position + cumulative maximum), all checked to give BlackJAX's
+  ancestors first;
 * ``noise``: 10^4 x 50 standard normals: ``jax.random.normal`` with threefry / rbg /
   unsafe_rbg keys vs ``kernels.langevin.standard_normal`` (float32 and float64);
 * ``scale``: 10^5 and 10^6 walkers (float32, float64) and 10^7 walkers (float32),
@@ -126,6 +129,36 @@ def _resampling_loop(fn, n, dtype, num_calls):
     return loop
 
 
+def _systematic_by_marks(rng_key, weights, num_samples):
+    """A variant of ``kernels.resampling.systematic`` to compare on a GPU: walker ``i`` with
+    copies is written at the first position it fills, F_{i-1} + 1 (a scatter without
+    colliding updates, where the histogram's scatter-add collides when many walkers share
+    an F_i), and a cumulative maximum carries it over its copies. Same ancestors (checked
+    against BlackJAX below before timing); on the CPU slower than the histogram."""
+    from numpyro_ebm.kernels.resampling import _thresholds
+
+    n = weights.shape[0]
+    f = _thresholds(rng_key, weights, num_samples)
+    previous = jnp.concatenate([jnp.full((1,), -1, jnp.int32), f])  # F_{i-1}, i = 0..N
+    has_copies = jnp.concatenate([f, jnp.full((1,), num_samples, jnp.int32)]) > previous
+    starts = jnp.where(has_copies, previous + 1, num_samples)  # num_samples: dropped
+    marks = jnp.zeros((num_samples,), jnp.int32).at[starts].set(
+        jnp.arange(n + 1, dtype=jnp.int32), mode="drop")
+    return jnp.minimum(jax.lax.cummax(marks), n - 1)
+
+
+def _check_same_ancestors(fns, n, dtype):
+    from blackjax.smc import resampling as blackjax_resampling
+
+    for seed in range(5):
+        key = jax.random.key(seed)
+        weights = jax.nn.softmax(3.0 * jax.random.normal(jax.random.fold_in(key, 1), (n,), dtype))
+        want = blackjax_resampling.systematic(key, weights, n)
+        for name, fn in fns:
+            if not bool(jnp.all(fn(key, weights, n) == want)):
+                raise AssertionError(f"{name}: ancestors differ from BlackJAX's")
+
+
 def section_resampling(args, out):
     from blackjax.smc import resampling as blackjax_resampling
 
@@ -138,15 +171,16 @@ def section_resampling(args, out):
             for n in sizes:
                 calls = 200 if n <= 10_000 else 20
                 # the softmax alone, to subtract: what is left is the resampling
+                ours = (("counts", resampling.systematic), ("counts_by_marks", _systematic_by_marks))
+                _check_same_ancestors(ours, n, dtype)
                 variants = {
                     name: (_resampling_loop(fn, n, dtype, calls), (jax.random.key(4),), calls)
-                    for name, fn in (("blackjax_searchsorted", blackjax_resampling.systematic),
-                                     ("counts", resampling.systematic),
+                    for name, fn in (("blackjax_searchsorted", blackjax_resampling.systematic), *ours,
                                      ("weights_only", lambda k, w, m: w[:1].astype(jnp.int32)))
                 }
                 res = timing.time_interleaved(variants, repeats=args.repeats)
                 base = res["weights_only"]["ms_per_iteration"]
-                for name in ("blackjax_searchsorted", "counts"):
+                for name in ("blackjax_searchsorted", "counts", "counts_by_marks"):
                     res[name]["ms_per_resampling_net"] = res[name]["ms_per_iteration"] - base
                 out[f"resampling/{n}/{jnp.dtype(dtype)}"] = res
 
