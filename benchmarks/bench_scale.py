@@ -8,11 +8,13 @@ Run by hand (not a test):
 
 Each case runs in its own Python process (so that its peak memory, the process's maximum
 resident set size, is its own, and so that ``--xla_force_host_platform_device_count`` can
-split the CPU into devices). In that process every method is timed as
-(time of ``fit`` with N2 iterations - time with N1 iterations) / (N2 - N1): compilation
-and set-up cancel (compiled code comes from a persistent cache after the first call).
-Methods alternate within each repeat so they see the same machine load; the median over
-repeats is reported. Suites:
+split the CPU into devices). In that process every method is timed by
+``benchmarks/timing.py``: ``fit``'s jitted chunk of ``long - short`` iterations, compiled
+ahead of time (compile time kept apart), one warm-up call, then calls ended by
+``block_until_ready``, methods interleaved within each repeat so they see the same machine
+load; the median over repeats of (call time / iterations) is reported. (Before issue 14:
+the difference of two whole ``fit`` runs of N1 and N2 iterations, noisy and sometimes
+negative on a GPU.) Suites:
 
 * ``gmm``: the paper's configuration (d = 50, 10^4 walkers, 10^4 data, full batch) for
   jarzynski, pcd and cd, float64, float64 with float32 noise, float32, and float64 with the
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -105,8 +106,7 @@ def worker(case: dict) -> dict:
     import optax
     from jax.sharding import Mesh
 
-    from numpyro_ebm import fit, kernels
-    from numpyro_ebm.training import callbacks
+    from numpyro_ebm import kernels
 
     key = jax.random.key(0)
     if case["energy"] == "gmm":
@@ -134,33 +134,34 @@ def worker(case: dict) -> dict:
         mesh = Mesh(np.array(jax.devices()[: case["devices"]]), ("walkers",))
     noise_dtype = None if case["noise_dtype"] is None else jnp.dtype(case["noise_dtype"])
 
-    def timed(method: str, iterations: int) -> float:
-        t0 = time.perf_counter()
-        result = fit(
-            potential_fn, params0, data, optimizer=optimizer,
-            kernel=kernels.for_method(method, step_size, noise_dtype=noise_dtype,
-                                      walker_batch_size=case["walker_batch_size"]),
-            num_walkers=case["num_walkers"], num_iterations=iterations,
-            rng_key=key, init_particles=walkers0, chunk_size=iterations, mesh=mesh,
-            callbacks=[callbacks.DegeneracyCheck(ess_floor=None, khat=None),
-                       callbacks.DivergenceCheck(math.inf)],
-        )
-        jax.block_until_ready(result.state.particles)
-        return time.perf_counter() - t0
+    from numpyro_ebm.training import build_trainer
 
-    per_iter: dict[str, list[float]] = {m: [] for m in case["methods"]}
-    for m in case["methods"]:  # warm the compilation cache for both lengths
-        timed(m, case["short"])
-        timed(m, case["long"])
-    for _ in range(case["repeats"]):
-        for m in case["methods"]:
-            short = timed(m, case["short"])
-            long = timed(m, case["long"])
-            per_iter[m].append(1e3 * (long - short) / (case["long"] - case["short"]))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import timing
+
+    constrain = None
+    if mesh is not None:
+        from numpyro_ebm import sharding
+
+        data, params0, constrain = sharding.place_for_training(mesh, data, params0, case["num_walkers"])
+        walkers0 = jax.device_put(walkers0, sharding.walker_sharding(mesh))
+    length = case["long"] - case["short"]
+    variants, compile_s = {}, {}
+    for m in case["methods"]:
+        kernel = kernels.for_method(m, step_size, noise_dtype=noise_dtype,
+                                    walker_batch_size=case["walker_batch_size"])
+        trainer = build_trainer(potential_fn, optimizer, kernel, constrain_walkers=constrain)
+        state = trainer.init(params0, walkers0)
+        chunk = timing.chunk_runner(trainer, key, case["num_walkers"])
+        compiled, compile_s[m] = timing.compile_chunk(chunk, state, data, length)
+        variants[m] = (compiled, (state, data), length)
+    timed = timing.time_interleaved(variants, repeats=case["repeats"])
+    per_iter = {m: r["repeats_ms"] for m, r in timed.items()}
     return {
         "case": case,
         "ms_per_iteration": per_iter,
         "median_ms_per_iteration": {m: statistics.median(v) for m, v in per_iter.items()},
+        "compile_s": compile_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "device": f"{len(jax.devices())} x {jax.devices()[0].device_kind}",
     }

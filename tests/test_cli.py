@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import pytest
 
 from numpyro_ebm import cli
@@ -106,3 +107,20 @@ def test_output_dir_is_created_before_training(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="training started"):
         cli.main(["gmm", "--output-dir", str(out), "--no-progress"])
     assert out.is_dir()
+
+
+def test_compilation_cache_option_switches_on_the_persistent_cache(tmp_path, monkeypatch):
+    """`--compilation-cache DIR` sets JAX's persistent cache to DIR (created) before training."""
+    _no_training(monkeypatch)
+    cache = tmp_path / "cache"
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    try:
+        with pytest.raises(AssertionError, match="training started"):
+            cli.main(["gmm", "--output-dir", str(tmp_path / "out"), "--no-progress",
+                      "--compilation-cache", str(cache)])
+        assert jax.config.jax_compilation_cache_dir == str(cache)
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+        assert cache.is_dir()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])

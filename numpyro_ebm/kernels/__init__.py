@@ -12,7 +12,8 @@
 
 Shared pieces: :mod:`~numpyro_ebm.kernels.base` (state, info, weight update, resampling),
 :mod:`~numpyro_ebm.kernels.evaluation` (energy evaluations),
-:mod:`~numpyro_ebm.kernels.langevin` (ULA moves).
+:mod:`~numpyro_ebm.kernels.langevin` (ULA moves), :mod:`~numpyro_ebm.kernels.resampling`
+(systematic resampling without a search).
 """
 
 from numpyro_ebm.kernels import (
@@ -24,6 +25,7 @@ from numpyro_ebm.kernels import (
     langevin,
     authors_ula,
     rejuvenation,
+    resampling,
     summary,
     ula,
 )
@@ -45,6 +47,7 @@ __all__ = [
     "summary",
     "authors_ula",
     "rejuvenation",
+    "resampling",
     "summarize_infos",
 ]
 

@@ -35,7 +35,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from blackjax.smc import resampling
 from blackjax.smc.solver import dichotomy
 from jax.scipy.special import logsumexp
 
@@ -55,6 +54,7 @@ from numpyro_ebm.kernels.base import (
 from numpyro_ebm.kernels.evaluation import potential_and_grad, weighted_param_grad
 from numpyro_ebm.kernels.jarzynski_ula import check_kernel_args, init, scaled
 from numpyro_ebm.kernels.langevin import ula_proposal
+from numpyro_ebm.kernels.resampling import systematic
 
 __all__ = [
     "AdaptiveJarzynskiInfo",
@@ -318,7 +318,7 @@ def build_kernel(
     step_size: float,
     target_ess: float = 0.5,
     max_substeps: int = 10,
-    resampling_fn: Callable = resampling.systematic,
+    resampling_fn: Callable = systematic,
     ess_threshold: float = 0.5,
     num_mcmc_steps: int = 1,
     max_backtracks: int = 6,
@@ -378,7 +378,7 @@ def walker_kernel(
     *,
     target_ess: float = 0.5,
     max_substeps: int = 10,
-    resampling_fn: Callable = resampling.systematic,
+    resampling_fn: Callable = systematic,
     ess_threshold: float = 0.5,
     num_mcmc_steps: int = 1,
     max_backtracks: int = 6,

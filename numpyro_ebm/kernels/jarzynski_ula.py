@@ -24,8 +24,10 @@ weighted for :math:`\theta_{k+1}`:
    :math:`E_{\rho_{\theta_{k+1}}}[f]`, and the Jarzynski equality gives
    :math:`\log \tfrac1N \sum_i e^{A^i} \approx \log Z_{\theta_{k+1}} / Z_{\theta_0}`
    (``state.log_normalizer``).
-4. When :math:`\mathrm{ESS}/N` < ``ess_threshold`` the walkers are resampled (BlackJAX's
-   resampling functions), the weights reset to equal, the log normaliser carried across.
+4. When :math:`\mathrm{ESS}/N` < ``ess_threshold`` the walkers are resampled (default:
+   systematic, :func:`numpyro_ebm.kernels.resampling.systematic`, BlackJAX's draws without
+   its search; any BlackJAX resampling function fits), the weights reset to equal, the log
+   normaliser carried across.
 
 With ``num_mcmc_steps > 1`` the further moves run at :math:`\theta_{k+1}` (steps 1-2 at fixed
 parameters) before step 4. ``potential_fn(params, x)`` is the energy of ONE sample. A
@@ -41,7 +43,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from blackjax.base import SamplingAlgorithm
-from blackjax.smc import resampling
 
 from numpyro_ebm import _checks
 from numpyro_ebm.kernels.base import (
@@ -59,6 +60,7 @@ from numpyro_ebm.kernels.base import (
 )
 from numpyro_ebm.kernels.evaluation import keep_or_recompute, potential_and_grad, weighted_param_grad
 from numpyro_ebm.kernels.langevin import ula_moves
+from numpyro_ebm.kernels.resampling import systematic
 
 __all__ = ["init", "build_kernel", "as_top_level_api", "walker_kernel", "check_kernel_args"]
 
@@ -146,7 +148,7 @@ def _walker_grad(potential_fn, params, state, record, pre, resampled, ancestors,
 def build_kernel(
     potential_fn: PotentialFn,
     step_size: float,
-    resampling_fn: Callable = resampling.systematic,
+    resampling_fn: Callable = systematic,
     ess_threshold: float = 0.5,
     num_mcmc_steps: int = 1,
     batch_size: int | None = None,
@@ -163,7 +165,10 @@ def build_kernel(
     step_size
         ULA step size :math:`h > 0`.
     resampling_fn
-        A BlackJAX resampling function ``(rng_key, weights, num_samples) -> indices``.
+        A resampling function ``(rng_key, weights, num_samples) -> indices`` (BlackJAX's
+        interface); default :func:`numpyro_ebm.kernels.resampling.systematic`, the same
+        ancestors as ``blackjax.smc.resampling.systematic`` for the same key, without a
+        search.
     ess_threshold
         Resample when :math:`\\mathrm{ESS}/N` falls below this value, in (0, 1].
     num_mcmc_steps
@@ -233,7 +238,7 @@ def as_top_level_api(
     potential_fn: PotentialFn,
     params: ArrayTree,
     step_size: float,
-    resampling_fn: Callable = resampling.systematic,
+    resampling_fn: Callable = systematic,
     ess_threshold: float = 0.5,
     num_mcmc_steps: int = 1,
     batch_size: int | None = None,
@@ -256,7 +261,7 @@ def as_top_level_api(
 def walker_kernel(
     step_size: float,
     *,
-    resampling_fn: Callable = resampling.systematic,
+    resampling_fn: Callable = systematic,
     ess_threshold: float = 0.5,
     num_mcmc_steps: int = 1,
     walker_batch_size: int | None = None,
