@@ -221,9 +221,10 @@ def _reverse_start(model_samples, model_log_weights, data, event_shape, dtype):
     log_w = jnp.asarray(model_log_weights, dtype)
     if log_w.shape != (n,):
         raise ValueError(f"`model_log_weights` must have shape ({n},), got {log_w.shape}")
-    if _checks.is_concrete(log_w) and not (bool(jnp.any(jnp.isfinite(log_w)))
-                                           and not bool(jnp.any(jnp.isnan(log_w) | (log_w == jnp.inf)))):
-        raise ValueError("`model_log_weights` must be finite or -inf, with one finite")
+    if _checks.is_concrete(log_w):
+        invalid = bool(jnp.any(jnp.isnan(log_w) | (log_w == jnp.inf)))
+        if invalid or not bool(jnp.any(jnp.isfinite(log_w))):
+            raise ValueError("`model_log_weights` must be finite or -inf, with one finite")
     return samples, log_w
 
 

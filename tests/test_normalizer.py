@@ -56,6 +56,12 @@ def test_base_fitted_to_data_and_float32():
         ({"event_shape": None}, "event_shape"),
         ({"base_scale": -1.0}, "base_scale"),
         ({"step_size": 0.0}, "step_size"),
+        ({"bounds_tolerance": -1.0}, "bounds_tolerance"),
+        ({"model_log_weights": jnp.zeros(3)}, "model_log_weights"),
+        ({"model_samples": jnp.zeros((5, 3))}, "model_samples"),
+        ({"model_samples": jnp.zeros((5, 2)), "model_log_weights": jnp.zeros(4)}, "model_log_weights"),
+        ({"model_samples": jnp.zeros((2, 2)), "model_log_weights": jnp.array([jnp.nan, 0.0])},
+         "model_log_weights"),
     ],
 )
 def test_bad_input_names_the_argument(kw, match):
