@@ -444,23 +444,25 @@ def _annealer(potential_fn, params, mean, scale, step_size, num_mcmc_steps, targ
         ess_threshold=ess_threshold,
         num_mcmc_steps=num_mcmc_steps,
     )
-    base_end = {"lam": jnp.zeros((), dtype), "theta": params}
-    model_end = {"lam": jnp.ones((), dtype), "theta": params}
+    def run_one(x0, run_key, lam_from):
+        state = init(x0, {"lam": lam_from, "theta": params}, path_potential)  # one evaluation
+        state, info = kernel(run_key, state, {"lam": 1.0 - lam_from, "theta": params})
+        return state, info.num_substeps, info.num_evaluations
+
+    # one compiled function for both directions: they differ in values only
+    run_all = jax.jit(lambda x0s, keys, lam_from: jax.lax.map(
+        lambda a: run_one(a[0], a[1], lam_from), (x0s, keys)))
 
     def anneal(rng_key, num_repeats, start):
-        def one_repeat(r):
-            init_key, run_key = jax.random.split(jax.random.fold_in(rng_key, r))
-            if start is None:
-                x0 = mean + scale * jax.random.normal(init_key, (num_walkers, *event_shape), dtype)
-                state = init(x0, base_end, path_potential)  # one evaluation
-                state, info = kernel(run_key, state, model_end)
-            else:
-                samples, log_w = start
-                idx = jax.random.categorical(init_key, log_w, shape=(num_walkers,))
-                state = init(samples[idx], model_end, path_potential)
-                state, info = kernel(run_key, state, base_end)
-            return state, info.num_substeps, info.num_evaluations
-
-        return jax.jit(lambda rs: jax.lax.map(one_repeat, rs))(jnp.arange(num_repeats))
+        keys = jax.vmap(lambda r: jax.random.split(jax.random.fold_in(rng_key, r)))(
+            jnp.arange(num_repeats))
+        shape = (num_walkers, *event_shape)
+        if start is None:
+            x0s = jax.vmap(lambda k: mean + scale * jax.random.normal(k, shape, dtype))(keys[:, 0])
+        else:
+            samples, log_w = start
+            x0s = jax.vmap(lambda k: samples[jax.random.categorical(k, log_w, shape=(num_walkers,))])(
+                keys[:, 0])
+        return run_all(x0s, keys[:, 1], jnp.asarray(0.0 if start is None else 1.0, dtype))
 
     return anneal

@@ -42,6 +42,7 @@ def test_base_fitted_to_data_and_float32():
         num_walkers=500, data=data, num_repeats=2, reverse=False,
     )
     assert result.log_normalizer.dtype == jnp.float32
+    assert np.isnan(float(result.upper)) and result.upper_estimates is None  # reverse=False
     # N(1, I): log Z = log(2 pi)
     assert abs(float(result.log_normalizer) - float(jnp.log(2 * jnp.pi))) < 0.1
 
@@ -117,6 +118,8 @@ def test_proper_energies_do_not_warn(potential_fn, exact):
 def test_scalar_event_and_python_number_params():
     result, ours = _run(lambda p, x: 0.5 * (x - p) ** 2, 1.0, event_shape=())
     assert ours == [] and abs(float(result.log_normalizer) - 0.5 * np.log(2 * np.pi)) < 0.2
+    # no data and no model samples: no reverse run, no upper estimate
+    assert np.isnan(float(result.upper)) and result.reverse_state is None
     _, ours = _run(lambda p, x: 0.0 * x * p, 1.0, event_shape=())
     assert len(ours) == 1
 
@@ -204,9 +207,3 @@ def test_reverse_start_far_from_the_model_is_flagged(x64):
     assert len(ours) == 1
     assert float(result.upper) < float(result.lower)
     assert "no sample of the model" in str(ours[0].message)
-
-
-def test_no_reverse_run_without_model_samples_or_data():
-    result, ours = _bounds_run(lambda p, x: 0.5 * jnp.sum(x**2), None, None, num_walkers=50,
-                               event_shape=(2,), num_repeats=2)
-    assert np.isnan(float(result.upper)) and result.reverse_state is None and ours == []
