@@ -4,7 +4,10 @@ r"""A trained energy-based model as a NumPyro distribution.
 :math:`\log Z_\theta` a Jarzynski estimate, and draws from the Jarzynski-weighted walkers.
 It can be the prior of a latent variable in a NumPyro model (run with NUTS: :math:`\log Z`
 is a constant there) or the likelihood of observed data.
-:func:`energy_based_from_fit` builds it from a :class:`~numpyro_ebm.FitResult`.
+:func:`energy_based_from_fit` builds it from a :class:`~numpyro_ebm.FitResult`; without
+an exact :math:`\log Z_{\theta_0}` and with the data it anneals for :math:`\log Z_\theta`
+in both directions (:func:`numpyro_ebm.normalizer.estimate_log_normalizer`) and keeps the
+lower and upper estimates in ``log_normalizer_bounds``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from jax.scipy.special import logsumexp
 from numpyro.distributions import Distribution, constraints
 
 from numpyro_ebm import _checks
+from numpyro_ebm.normalizer import LogNormalizerEstimate, estimate_log_normalizer
 
 __all__ = ["EnergyBased", "energy_based_from_fit"]
 
@@ -62,7 +66,9 @@ class EnergyBased(Distribution):
         The parameters :math:`\theta` (a pytree).
     log_normalizer
         An estimate of :math:`\log Z_\theta` (scalar), e.g.
-        :math:`\log Z_{\theta_0} +` the Jarzynski ``state.log_normalizer``. ``None``: the
+        :math:`\log Z_{\theta_0} +` the Jarzynski ``state.log_normalizer``, or a
+        :class:`~numpyro_ebm.normalizer.LogNormalizerEstimate` (its forward estimate is used,
+        its lower and upper estimates kept in ``log_normalizer_bounds``). ``None``: the
         density is UNNORMALISED, :meth:`log_prob` returns :math:`-U_\theta(x)` (enough for
         MCMC over a latent with this prior, not for comparing models or for a likelihood
         whose :math:`\theta` varies).
@@ -78,6 +84,13 @@ class EnergyBased(Distribution):
         Default: ``real`` for scalar events, ``real_vector`` for vectors,
         ``independent(real, k)`` for ``k``-dimensional events.
 
+    Attributes
+    ----------
+    log_normalizer_bounds
+        ``[lower, upper]`` stochastic bounds on :math:`\log Z_\theta` when
+        ``log_normalizer`` was a ``LogNormalizerEstimate`` (``upper`` is ``nan`` without a
+        reverse run), else ``None``.
+
     Notes
     -----
     :meth:`log_prob` is :math:`-U_\theta(x) - \log Z_\theta` (vmapped over the batch axes
@@ -88,7 +101,8 @@ class EnergyBased(Distribution):
     moments. The batch shape is always ``()``.
     """
 
-    pytree_data_fields = ("params", "log_normalizer", "particles", "log_weights")
+    pytree_data_fields = ("params", "log_normalizer", "particles", "log_weights",
+                          "log_normalizer_bounds")
     pytree_aux_fields = ("potential_fn", "_support")
 
     def __init__(
@@ -129,6 +143,11 @@ class EnergyBased(Distribution):
             raise ValueError("`log_weights` given without `particles`")
         if event_shape is None:
             raise ValueError("`event_shape` is required when no `particles` are given")
+        bounds = None
+        if isinstance(log_normalizer, LogNormalizerEstimate):
+            bounds = jnp.stack([log_normalizer.lower, jnp.asarray(log_normalizer.upper,
+                                                                 log_normalizer.lower.dtype)])
+            log_normalizer = log_normalizer.log_normalizer
         if log_normalizer is not None and jnp.shape(log_normalizer) != ():
             raise ValueError(
                 f"`log_normalizer` must be a scalar, got shape {jnp.shape(log_normalizer)}"
@@ -136,6 +155,7 @@ class EnergyBased(Distribution):
         self.potential_fn = potential_fn
         self.params = params
         self.log_normalizer = log_normalizer
+        self.log_normalizer_bounds = bounds
         self.particles = particles
         self.log_weights = log_weights
         self._support = support if support is not None else _default_support(len(event_shape))
@@ -204,30 +224,55 @@ class EnergyBased(Distribution):
 
 
 def energy_based_from_fit(
-    potential_fn, result: Any, log_z0: Any = None, *, support=None
+    potential_fn, result: Any, log_z0: Any = None, *, support=None, data: Any = None,
+    rng_key: jax.Array | None = None, **normalizer_options: Any,
 ) -> EnergyBased:
     r"""An :class:`EnergyBased` from a :func:`numpyro_ebm.fit` result.
 
-    Uses ``result.params``, the final walkers ``result.state.particles`` with their
-    weights ``result.state.log_weights``, and
+    Uses ``result.params`` and the final walkers ``result.state.particles`` with their
+    weights ``result.state.log_weights``. :math:`\log Z_{\theta_K}` comes from one of:
 
-    .. math:: \log Z_{\theta_K} \approx \log Z_{\theta_0} + \texttt{result.state.log\_normalizer},
+    * ``log_z0`` (:math:`\log Z_{\theta_0}` of the model the walkers started from, closed
+      form when that is e.g. a standard normal): the training run's Jarzynski estimate,
+      :math:`\log Z_{\theta_0} + \texttt{result.state.log\_normalizer}`. It is one
+      forward path and carries no error bar; it is biased low by the feedback of the
+      walkers' noise into :math:`\theta` (see ``docs/gmm.md``; about
+      :math:`K\,\mathrm{lr}/\mathrm{ESS}` times the parameter-gradient variance). Only
+      for ``"jarzynski"`` results (``ValueError`` otherwise).
+    * ``data`` and ``rng_key``: annealing at :math:`\theta_K` in both directions
+      (:func:`~numpyro_ebm.normalizer.estimate_log_normalizer`): forward from a Gaussian
+      base fitted to ``data``, reverse from the walkers (with their weights) as
+      approximate model samples, for any method. The forward estimate is used, the
+      ``[lower, upper]`` pair is kept in ``log_normalizer_bounds``, and
+      :class:`~numpyro_ebm.normalizer.LogNormalizerBoundsWarning` fires when they do not
+      confirm each other. ``normalizer_options`` go to ``estimate_log_normalizer``
+      (default ``num_walkers``: the run's, at most 2000).
 
-    the Jarzynski estimate. ``log_z0`` is :math:`\log Z_{\theta_0}` of the model the
-    walkers started from (closed form when that is e.g. a standard normal). Without it,
-    and for ``"pcd"``/``"cd"`` results (which do not estimate :math:`\log Z`), the
-    distribution is unnormalised (``log_normalizer=None``); passing ``log_z0`` with a
-    PCD/CD result raises ``ValueError``.
+    With neither, the distribution is unnormalised (``log_normalizer=None``).
     """
     if not (hasattr(result, "params") and hasattr(result, "state")):
         raise TypeError("`result` must be a FitResult (from numpyro_ebm.fit)")
     method = getattr(result, "method", "jarzynski")
     log_normalizer = None
+    if data is not None:
+        if log_z0 is not None:
+            raise ValueError("give `log_z0` (the training run's estimate) or `data` (annealing "
+                             "at the final parameters), not both")
+        if rng_key is None:
+            raise ValueError("`rng_key` is needed to estimate log Z from `data`")
+        options = {"num_walkers": min(int(result.state.log_weights.shape[0]), 2000),
+                   **normalizer_options}
+        log_normalizer = estimate_log_normalizer(
+            potential_fn, result.params, rng_key, data=data, model_samples=result.state.particles,
+            model_log_weights=result.state.log_weights, **options)
+    elif rng_key is not None or normalizer_options:
+        raise ValueError("`rng_key` and estimate_log_normalizer options need `data`")
     if log_z0 is not None:
         if method != "jarzynski":
             raise ValueError(
                 f"`log_z0` given but `result` comes from method {method!r}, which does not "
-                "estimate log Z; only 'jarzynski' results can be normalised"
+                "estimate log Z; only 'jarzynski' results can be normalised by `log_z0` (pass "
+                "`data` and `rng_key` to anneal instead)"
             )
         if _checks.is_concrete(log_z0) and not np.isfinite(float(np.asarray(log_z0))):
             raise ValueError(f"`log_z0` must be finite, got {log_z0}")

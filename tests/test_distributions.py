@@ -148,6 +148,7 @@ def trained_1d():
             num_walkers=1000, step_size=0.05, num_iterations=200,
             rng_key=jax.random.key(2), data_batch_size=200,
         )
+    methods["data"] = data
     return methods
 
 
@@ -170,6 +171,28 @@ def test_from_fit_normalised_on_grid(trained_1d):
     with pytest.raises(ValueError, match="does not estimate log Z"):
         energy_based_from_fit(bump_energy, trained_1d["pcd"], 0.0)
     assert energy_based_from_fit(bump_energy, trained_1d["pcd"]).log_normalizer is None
+
+
+def test_from_fit_with_data_anneals_and_keeps_bounds(trained_1d):
+    """Without log_z0, with the data: log Z by annealing at theta_K, both directions (the
+    reverse from the run's weighted walkers), for Jarzynski and PCD results alike."""
+    grid = jnp.linspace(-9.0, 9.0, 4001)
+    data = trained_1d["data"]
+    for method in ("jarzynski", "pcd"):
+        result = trained_1d[method]
+        d = energy_based_from_fit(bump_energy, result, data=data, rng_key=jax.random.key(3),
+                                  num_walkers=500)
+        exact = float(logsumexp(-d.energy(grid)) + jnp.log(grid[1] - grid[0]))  # quadrature
+        lower, upper = (float(b) for b in d.log_normalizer_bounds)
+        assert float(d.log_normalizer) == lower
+        # each side is a mean of 4 repeats; 0.1 nats is several of their standard errors
+        # (about 0.01-0.03 here) and the sandwich must hold in that band
+        assert lower - 0.1 <= exact <= upper + 0.1, (method, lower, exact, upper)
+        assert abs(lower - exact) < 0.1
+    with pytest.raises(ValueError, match="not both"):
+        energy_based_from_fit(bump_energy, result, 0.0, data=data, rng_key=jax.random.key(0))
+    with pytest.raises(ValueError, match="rng_key"):
+        energy_based_from_fit(bump_energy, result, data=data)
 
 
 def test_weighted_walkers_match_density(trained_1d):

@@ -45,6 +45,11 @@ def test_reduced_experiment_jarzynski_recovers_the_mass_pcd_and_cd_do_not():
     ce = results["jarzynski"]["cross_entropy"]
     exact = results["jarzynski"]["exact_cross_entropy"]
     assert np.all(np.isfinite(ce)) and exact[-1] < exact[0]
+    # the feedback correction is >= 0 at every step and the group standard error positive
+    jz = results["jarzynski"]
+    assert np.all(jz["feedback_bias"] >= 0) and jz["ce_corrected_error"] > jz["ce_estimate_error"]
+    assert jz["cross_entropy_stderr"][0] == 0 and np.all(jz["cross_entropy_stderr"][1:] > 0)
+    assert "standard error (walker groups)" in gmm.format_table(results)
     # the run is in float64 (the paper's setting) and leaves the caller's x64 flag as it was
     assert results["data"].dtype == jnp.float64
     assert not jax.config.read("jax_enable_x64")

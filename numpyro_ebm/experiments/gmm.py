@@ -33,6 +33,11 @@ import optax
 from jax.scipy.special import logsumexp
 
 from numpyro_ebm import kernels
+from numpyro_ebm.estimators import (
+    feedback_bias_step,
+    group_log_normalizers,
+    group_log_weight_sums,
+)
 from numpyro_ebm.training.callbacks import ParetoKhat, Snapshots
 from numpyro_ebm.training.fit import METHODS, FitResult, fit
 
@@ -71,6 +76,9 @@ class GMMConfig:
     methods: tuple[str, ...] = METHODS
     seed: int = 0
     float64: bool = True
+    feedback_correction: bool = True
+    num_groups: int = 10
+    record_params: bool = False
 
     def __post_init__(self):
         for name in ("dim", "num_data", "num_walkers", "num_iterations"):
@@ -168,12 +176,23 @@ def _run(config: GMMConfig, progress: bool) -> dict[str, Any]:
     walkers0 = sample_mixture(walker_key, params0, config.num_walkers)
     log_z0 = float(mixture_log_normalizer(params0))
 
+    learning_rates = {"means": config.learning_rate, "logits": config.logit_learning_rate}
+
     def trace_fn(params, state):
         return {
             "small_mass": small_mode_mass(params, config),
             "walker_small_mass": _walker_small_mass(state, config),
             "log_normalizer_exact": mixture_log_normalizer(params),
         }
+
+    def jarzynski_trace_fn(params, state):
+        out = {**trace_fn(params, state),
+               "group_log_weights": group_log_weight_sums(state, config.num_groups)}
+        if config.record_params:
+            out["params"] = params
+        if config.feedback_correction:
+            out["feedback_bias"] = feedback_bias_step(mixture_potential, params, state, learning_rates)
+        return out
 
     out: dict[str, Any] = {
         "config": config,
@@ -198,7 +217,7 @@ def _run(config: GMMConfig, progress: bool) -> dict[str, Any]:
             rng_key=fit_key,
             init_particles=walkers0,
             log_z0=log_z0 if method == "jarzynski" else None,
-            trace_fn=trace_fn,
+            trace_fn=jarzynski_trace_fn if method == "jarzynski" else trace_fn,
             progress=progress,
             callbacks=[Snapshots(max(1, config.num_iterations // 8)), ParetoKhat(pareto_khat)],
         )
@@ -236,8 +255,35 @@ def _run(config: GMMConfig, progress: bool) -> dict[str, Any]:
                 np.max(np.abs(entry["cross_entropy"] - entry["exact_cross_entropy"]))
             )
             entry["num_resampling"] = int(np.sum(trace["resampled"]))
+            _add_group_stderr(entry, trace, result.state, config.num_groups)
+            if "feedback_bias" in extra:
+                _add_feedback_correction(entry, np.asarray(extra["feedback_bias"]))
         out[method] = entry
     return out
+
+
+def _add_group_stderr(entry: dict[str, Any], trace: dict, state, num_groups: int) -> None:
+    """The standard error of the estimate from independent walker groups
+    (:func:`numpyro_ebm.estimators.group_log_normalizers`), per iteration and at the end."""
+    extra = trace["extra"]
+    final_sums = group_log_weight_sums(state, num_groups)[None]
+    _, stderr = group_log_normalizers(
+        np.append(trace["log_normalizer"], float(state.log_normalizer)),
+        np.concatenate([extra["group_log_weights"], np.asarray(final_sums)]),
+        np.append(trace["resampled"], False),
+    )
+    entry["cross_entropy_stderr"] = np.asarray(stderr[:-1])
+    entry["final_cross_entropy_stderr"] = float(stderr[-1])
+
+
+def _add_feedback_correction(entry: dict[str, Any], per_step: np.ndarray) -> None:
+    """The estimate with the feedback bias removed (:func:`numpyro_ebm.estimators.
+    feedback_bias_step`): at iteration ``k`` add the sum of the steps before it."""
+    before = np.concatenate([[0.0], np.cumsum(per_step)])
+    entry["feedback_bias"] = per_step
+    entry["cross_entropy_corrected"] = entry["cross_entropy"] + before[:-1]
+    entry["final_cross_entropy_corrected"] = entry["final_cross_entropy_estimate"] + before[-1]
+    entry["ce_corrected_error"] = entry["final_cross_entropy_corrected"] - entry["final_exact_cross_entropy"]
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -259,6 +305,14 @@ def format_table(results: dict[str, Any]) -> str:
             f"{(f'{err:+.4f}' if err is not None else 'n/a'):>13} "
             f"{(f'{max_err:.4f}' if max_err is not None else 'n/a'):>9} "
             f"{r['wall_time']:>7.1f}"
+        )
+    r = results.get("jarzynski", {})
+    if "final_cross_entropy_stderr" in r:
+        corrected = r.get("ce_corrected_error")
+        lines.append(
+            f"jarzynski CE estimate: error {r['ce_estimate_error']:+.4f}"
+            + (f", with the feedback correction {corrected:+.4f}" if corrected is not None else "")
+            + f"; standard error (walker groups) {r['final_cross_entropy_stderr']:.4f}"
         )
     return "\n".join(lines)
 
