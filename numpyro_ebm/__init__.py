@@ -10,7 +10,7 @@ import importlib
 from numpyro_ebm import jarzynski_ula, kernels, training
 from numpyro_ebm.estimators import ce_estimate, ce_grad
 from numpyro_ebm.kernels.base import JarzynskiInfo, JarzynskiState, WalkerKernel
-from numpyro_ebm.normalizer import LogNormalizerEstimate, estimate_log_normalizer
+from numpyro_ebm.normalizer import LogNormalizerBoundsWarning, LogNormalizerEstimate, estimate_log_normalizer
 from numpyro_ebm.training import (
     EnergyDivergenceWarning,
     FitResult,
@@ -64,5 +64,6 @@ __all__ = [
     "EnergyDivergenceWarning",
     "NonFiniteError",
     "estimate_log_normalizer",
+    "LogNormalizerBoundsWarning",
     "LogNormalizerEstimate",
 ]

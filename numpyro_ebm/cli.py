@@ -182,6 +182,9 @@ def _run_gmm(args: argparse.Namespace) -> int:
                     "final_cross_entropy_estimate",
                     "ce_estimate_error",
                     "max_abs_ce_estimate_error",
+                    "final_cross_entropy_corrected",
+                    "ce_corrected_error",
+                    "final_cross_entropy_stderr",
                     "num_resampling",
                     "wall_time",
                 )
