@@ -58,7 +58,7 @@ def test_mnist_command_on_idx_files_written_here(tmp_path, capsys):
     out_dir = tmp_path / "out"
     code = cli.main([
         "mnist", "--data-dir", str(data_dir), "--split", "train", "--num-samples", "70", "--channels", "4",
-        *TINY, "--output-dir", str(out_dir),
+        "--classifier", "logistic", *TINY, "--output-dir", str(out_dir),  # the CNN: test_experiments_digits_classifier
     ])
     assert code == 0
     summary = _check_outputs(out_dir, "mnist", capsys.readouterr().out)
@@ -112,13 +112,21 @@ def test_digits_command_rejects_inexact_proportions(tmp_path, capsys):
     assert "num_samples" in capsys.readouterr().err
 
 
-def test_digits_command_with_the_authors_preset(tmp_path, capsys):
+def test_digits_command_with_the_authors_preset(monkeypatch, capsys):
     """--preset authors replaces the sampler/optimiser settings (outside the theory) and keeps
-    the others (iterations, seed, classes)."""
-    argv = ["digits", "--num-iterations", "3", "--hidden", "16", "--no-progress", "--preset", "authors",
-            "--output-dir", str(tmp_path)]
-    assert cli.main(argv) == 0
-    config = json.loads((tmp_path / "digits.json").read_text())["config"]
-    assert config["preset"] == "authors" and config["num_iterations"] == 3
-    assert config["step_size"] == 5e-5 and config["num_walkers"] == 1024 and config["energy_penalty"] == 0.01
-    assert config["target_acceptance"] is None and config["num_mcmc_steps"] == 30
+    the others (iterations, seed); the run itself is stopped at the data loading."""
+    from numpyro_ebm.experiments import digits
+
+    seen = {}
+
+    def stop(config):
+        seen["config"] = config
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(digits, "load_data", stop)
+    assert cli.main(["digits", "--num-iterations", "3", "--seed", "4", "--preset", "authors"]) == 2
+    config = seen["config"]
+    assert config.preset == "authors" and config.num_iterations == 3 and config.seed == 4
+    assert config.step_size == 5e-5 and config.num_walkers == 1024 and config.energy_penalty == 0.01
+    assert config.target_acceptance is None and config.num_mcmc_steps == 30
+    assert "stopped by the test" in capsys.readouterr().err

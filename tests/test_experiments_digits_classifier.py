@@ -14,7 +14,7 @@ def test_cnn_classifier_is_accurate_and_its_labels_are_jittable():
     """A small CNN on the 296 8x8 images outside the subset (207 for training): above 90%
     on the held-out 89 and on the 245 subset images it never saw; label_fn (jitted) agrees
     with predict_proba's argmax."""
-    clf = dc.train_cnn_classifier(DATA.rest_images, DATA.rest_labels, DATA.classes, num_epochs=40,
+    clf = dc.train_cnn_classifier(DATA.rest_images, DATA.rest_labels, DATA.classes, num_epochs=30,
                                   batch_size=32, max_shift=1)
     assert clf.kind == "CNN" and clf.num_train + clf.num_test == len(DATA.rest_labels)
     assert clf.test_accuracy > 0.9
