@@ -183,9 +183,7 @@ def global_checksum(x: jax.Array) -> str:
     import jax.numpy as jnp
 
     def sums(x):
-        words = jax.lax.bitcast_convert_type(x, jnp.uint32) if x.dtype.itemsize == 4 else \
-            jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(*x.shape, -1)
-        words = words.reshape(-1)
+        words = jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)  # 8-byte: 2 words each
         pos = jnp.arange(words.shape[0], dtype=jnp.uint32)
         mix = (pos * jnp.uint32(0x9E3779B1)) ^ (pos >> 15) ^ jnp.uint32(0x7F4A7C15)
         return jnp.stack([jnp.sum(words * (mix | 1), dtype=jnp.uint32),

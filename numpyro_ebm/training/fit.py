@@ -208,7 +208,11 @@ def fit(
     ``Checkpoint``, ...) run between chunks of ``chunk_size`` iterations; ``NonFiniteStop``,
     ``DivergenceCheck`` and ``DegeneracyCheck`` are added unless given, and ``progress=True``
     adds a ``ProgressBar``. ``mesh`` (a :class:`jax.sharding.Mesh`) splits the walkers over
-    its devices (:mod:`numpyro_ebm.sharding`).
+    its devices (:mod:`numpyro_ebm.sharding`); a mesh over the devices of several processes
+    (:func:`numpyro_ebm.distributed.global_mesh`) splits them over every process, each of
+    which calls ``fit`` with the same arguments (checked: a ``ValueError`` names the
+    arguments that differ) and gets the same result, its walkers as global arrays
+    (:func:`numpyro_ebm.distributed.to_host` gathers them).
 
     ``rng_key`` is split into an initialisation key and a loop key; iteration ``k`` uses
     ``fold_in(loop_key, k)``, so results depend neither on ``chunk_size`` nor on a resume.
@@ -236,16 +240,16 @@ def fit(
                             step_size_adaptation=step_size_adaptation, trace_fn=trace_fn,
                             constrain_walkers=constrain, energy_penalty=energy_penalty)
     if init_state is None:
-        def draw(key):
-            return _as_dtype(_initial_particles(kernel, init_particles, num_walkers, data, num_data, key),
-                             dtype)
-
-        if mesh is not None and sharding.spans_processes(mesh) and not callable(init_particles) \
+        if mesh is not None and sharding.spans_processes(mesh) \
                 and (init_particles is None or isinstance(init_particles, str)):
-            # drawn where they live: each device draws only its own walkers (same numbers)
-            particles = jax.jit(draw, out_shardings=sharding.walker_sharding(mesh))(init_key)
+            # drawn where they live: each device draws only its own walkers (the same numbers)
+            particles = jax.jit(lambda key: _as_dtype(_initial_particles(
+                kernel, init_particles, num_walkers, data, num_data, key), dtype),
+                out_shardings=sharding.walker_sharding(mesh))(init_key)
         else:
-            particles = draw(init_key)
+            particles = _as_dtype(
+                _initial_particles(kernel, init_particles, num_walkers, data, num_data, init_key), dtype
+            )
         if mesh is not None:
             particles = sharding.place_walkers(particles, mesh)
         init_state = trainer.init(params, particles)
@@ -285,9 +289,9 @@ def _check_processes_agree(args: dict[str, Any]) -> None:
         "init_state_iteration": None if args["init_state"] is None else int(args["init_state"].iteration),
         "trace_fn": name_of(args["trace_fn"]), "potential_fn": name_of(args["potential_fn"]),
         # what shapes the chunks (compiled programs) and the collective Orbax saves
-        "callbacks": sorted((type(cb).__name__, getattr(cb, "every", None), getattr(cb, "snapshot_every", None))
-                            for cb in (args["callbacks"] or ()) if isinstance(cb, Checkpoint)
-                            or getattr(cb, "every", None) or getattr(cb, "snapshot_every", None)),
+        "callbacks": [(type(cb).__name__, getattr(cb, "every", None), getattr(cb, "snapshot_every", None))
+                      for cb in (args["callbacks"] or ()) if isinstance(cb, Checkpoint)
+                      or getattr(cb, "every", None) or getattr(cb, "snapshot_every", None)],
         "mesh": (args["mesh"].axis_names, [d.id for d in args["mesh"].devices.flat]),
         "step_size_adaptation": args["step_size_adaptation"] is not None,
         "energy_penalty": repr(getattr(args["energy_penalty"], "alpha", args["energy_penalty"])),
