@@ -119,18 +119,19 @@ def launch(layout: str, args) -> list[dict]:
            "--walkers", *map(str, args.walkers)]
     procs = [subprocess.Popen(cmd + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE, text=True)
              for i in range(num_processes)]
+    rows = []
     try:
-        out = procs[0].communicate(timeout=args.timeout)[0]
-        for p in procs[1:]:
+        for line in procs[0].stdout:  # rows as they come
+            if line.startswith("RESULT "):
+                rows.append(row := json.loads(line[7:]))
+                print(f"{layout:>4} {row['num_walkers']:>8} {row['mode']:>6} {row['ms_per_iteration']:9.1f} "
+                      f"ms/it (resampled {row['resampled_fraction']:.2f})", flush=True)
+        for p in procs:
             p.wait(timeout=60)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    rows = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
-    for row in rows:
-        print(f"{layout:>4} {row['num_walkers']:>8} {row['mode']:>6} {row['ms_per_iteration']:9.1f} ms/it "
-              f"(resampled {row['resampled_fraction']:.2f})", flush=True)
     return rows
 
 
@@ -154,7 +155,6 @@ def main() -> None:
     p.add_argument("--walkers", nargs="+", type=int, default=[100_000, 1_000_000])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="never/always alternations")
-    p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--json", default=None)
     p.add_argument("--single", action="store_true", help="this process, default device only")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -219,7 +219,7 @@ def _run_gmm(args: argparse.Namespace) -> int:
         float64=not args.float32,
     )
     mesh, main = None, True
-    if args.split_walkers:
+    if getattr(args, "split_walkers", False):
         from numpyro_ebm import distributed
 
         mesh, main = distributed.global_mesh(), distributed.is_main_process()

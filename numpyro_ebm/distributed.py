@@ -46,8 +46,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 __all__ = [
-    "initialize", "global_mesh", "is_main_process", "shard_data", "to_host",
-    "check_same_settings", "spans_processes", "global_checksum", "ENV_COORDINATOR", "ENV_NUM_PROCESSES",
+    "initialize", "global_mesh", "is_main_process", "shard_data", "to_host", "check_same_settings",
+    "setting_digest", "spans_processes", "global_checksum", "ENV_COORDINATOR", "ENV_NUM_PROCESSES",
     "ENV_PROCESS_ID",
 ]
 

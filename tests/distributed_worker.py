@@ -8,7 +8,8 @@ on ``--cpu-devices`` CPU devices), trains a small quadratic energy with Jarzynsk
 split over every device of every process, and process 0 writes the final parameters,
 walkers, weights, log normaliser and trace to ``--out``. ``--kill-process I --kill-at K``
 makes process I kill itself (SIGKILL) when iteration K is reached, before that
-iteration's checkpoint.
+iteration's checkpoint; ``--shard-data`` gives each process only its own rows of the data
+(``distributed.shard_data``).
 """
 
 import argparse
@@ -58,6 +59,7 @@ def main():
     p.add_argument("--checkpoint-every", type=int, default=5)
     p.add_argument("--kill-process", type=int, default=None)
     p.add_argument("--kill-at", type=int, default=None)
+    p.add_argument("--shard-data", action="store_true", help="each process passes only its rows of the data")
     args = p.parse_args()
     if os.environ.get(distributed.ENV_COORDINATOR):
         distributed.initialize(cpu_devices=args.cpu_devices)
@@ -85,6 +87,9 @@ def main():
     if args.checkpoint_dir:
         callbacks.append(Checkpoint(args.checkpoint_dir, every=args.checkpoint_every, resume=True))
     mesh = distributed.global_mesh() if jax.device_count() > 1 else None
+    if args.shard_data:  # process p holds rows [p n/P, (p+1) n/P) only
+        rows = data.shape[0] // jax.process_count()
+        data = distributed.shard_data(np.asarray(data)[jax.process_index() * rows:][:rows], mesh)
     result = fit(energy, params, data, optimizer=optax.sgd(0.05),
                  kernel=jarzynski_ula.walker_kernel(0.3, ess_threshold=0.9), num_walkers=64,
                  num_iterations=args.num_iterations, rng_key=jax.random.key(args.seed),
