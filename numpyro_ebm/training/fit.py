@@ -9,6 +9,7 @@ the loop (:func:`~numpyro_ebm.training.run`) and the callbacks
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -263,8 +264,9 @@ def fit(
                      trace_fn=trace_fn is not None, step_size_adaptation=step_size_adaptation is not None,
                      energy_penalty=None if energy_penalty is None else repr(energy_penalty.alpha))
     try:
-        result = run(loop_key, trainer, init_state, num_iterations, data=data,
-                     data_batch_size=data_batch_size, chunk_size=chunk_size, callbacks=callbacks)
+        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):  # (kernels.base)
+            result = run(loop_key, trainer, init_state, num_iterations, data=data,
+                         data_batch_size=data_batch_size, chunk_size=chunk_size, callbacks=callbacks)
     except NonFiniteError as err:
         raise NonFiniteError(str(err), _fit_result(err.result, kernel)) from None
     return _fit_result(result, kernel)
