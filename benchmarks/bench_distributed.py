@@ -21,7 +21,8 @@ first call); the median over repeats is reported. ``always - never`` is the cost
 resampling. Every process computes; process 0 reports.
 
 ``--single`` measures in this process on its default device only (e.g. one GPU: see
-``benchmarks/gpu_distributed.py``).
+``benchmarks/gpu_distributed.py``); ``--resampling-alone`` times one resampling step on 1
+and 2 CPU devices of one process, with the weights split or copied whole.
 """
 
 from __future__ import annotations
@@ -76,6 +77,53 @@ def measure(num_walkers: int, mode: str, repeats: int, mesh) -> dict:
         per_it.append(1e3 * (t_long - t_short) / (long - short))
     return {"num_walkers": num_walkers, "mode": mode, "ms_per_iteration": statistics.median(per_it),
             "repeats_ms": per_it, "resampled_fraction": fraction}
+
+
+def resampling_alone(num_walkers: int = 100_000, dim: int = 50, repeats: int = 5) -> None:
+    """One systematic resampling (BlackJAX) and the gather of the walkers, jitted, on one
+    device and on 2 CPU devices of this process, with the weights split over the devices
+    (XLA partitions the cumulative sum) and copied whole to each device first (what
+    ``kernels.base`` does under ``jax.set_mesh``)."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 2)
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import numpy as np
+    from blackjax.smc import resampling
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()), ("walkers",))
+    split = NamedSharding(mesh, PartitionSpec("walkers"))
+    x = jax.random.normal(jax.random.key(0), (num_walkers, dim))
+    log_w = jax.nn.log_softmax(0.5 * jax.random.normal(jax.random.key(1), (num_walkers,)))
+
+    def resample(whole):
+        def fn(key, x, log_w):
+            w = jnp.exp(log_w)
+            if whole:
+                w = jax.lax.with_sharding_constraint(w, PartitionSpec())
+            return x[resampling.systematic(key, w, num_walkers)]
+        return fn
+
+    def time_it(fn, *args):
+        fn(*args).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(*args).block_until_ready()
+            times.append(1e3 * (time.perf_counter() - start))
+        return statistics.median(times)
+
+    key = jax.random.key(2)
+    print(f"resampling {num_walkers} walkers (d = {dim}), median of {repeats}:")
+    print(f"  1 device:                        {time_it(jax.jit(resample(False)), key, x, log_w):8.1f} ms")
+    xs, log_ws = jax.device_put(x, split), jax.device_put(log_w, split)
+    print(f"  2 devices, weights split:        "
+          f"{time_it(jax.jit(resample(False), out_shardings=split), key, xs, log_ws):8.1f} ms")
+    with jax.set_mesh(mesh):
+        print(f"  2 devices, weights whole (fix):  "
+              f"{time_it(jax.jit(resample(True), out_shardings=split), key, xs, log_ws):8.1f} ms")
 
 
 def worker(args) -> None:
@@ -157,12 +205,17 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="never/always alternations")
     p.add_argument("--json", default=None)
     p.add_argument("--single", action="store_true", help="this process, default device only")
+    p.add_argument("--resampling-alone", action="store_true",
+                   help="time one resampling on 1 and 2 CPU devices (weights split or whole)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--num-processes", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.resampling_alone:
+        resampling_alone()
+        return
     if args.worker or args.single:
         worker(args)
         return
