@@ -61,12 +61,25 @@ def check_finite_tree(name: str, tree: Any) -> None:
     if not is_concrete(tree):
         return
     for leaf in leaves:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            _check_finite_global(name, leaf)  # spread over processes: reduce, don't fetch
+            continue
         arr = np.asarray(leaf)
         if arr.dtype.kind not in "fc":
             raise TypeError(f"`{name}` must hold floating-point arrays, got dtype {arr.dtype}")
         if arr.size and not np.all(np.isfinite(arr)):
             bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
             raise ValueError(f"`{name}` contains {bad} non-finite value(s) (NaN or inf)")
+
+
+def _check_finite_global(name: str, leaf: jax.Array) -> None:
+    """:func:`check_finite_tree` for one array spread over several processes: the count of
+    non-finite values is a global reduction (every process gets it)."""
+    if leaf.dtype.kind not in "fc":
+        raise TypeError(f"`{name}` must hold floating-point arrays, got dtype {leaf.dtype}")
+    bad = int(jax.jit(lambda x: jax.numpy.sum(~jax.numpy.isfinite(x)))(leaf))
+    if bad:
+        raise ValueError(f"`{name}` contains {bad} non-finite value(s) (NaN or inf)")
 
 
 def leading_size(name: str, tree: Any) -> int:

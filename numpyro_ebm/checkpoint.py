@@ -26,7 +26,8 @@ FORMAT_VERSION = 2  # 2: the TrainState of numpyro_ebm.training
 
 
 def _shapes(tree: Any) -> list[list]:
-    return [[list(np.shape(leaf)), str(np.asarray(leaf).dtype)] for leaf in jax.tree.leaves(tree)]
+    return [[list(np.shape(leaf)), str(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype)]
+            for leaf in jax.tree.leaves(tree)]
 
 
 def run_metadata(

@@ -134,6 +134,79 @@ def _add_gmm(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--float32", action="store_true", help="run in float32 (default float64, as the paper)"
     )
+    _add_run_output_options(p)
+    _add_process_options(p)
+
+
+def _add_process_options(p: argparse.ArgumentParser) -> None:
+    """How this process joins the others (numpyro_ebm.distributed); read before anything
+    else (``_join_processes``), since JAX must not have started."""
+    g = p.add_argument_group(
+        "several processes or devices",
+        "with --coordinator (or the environment variables NUMPYRO_EBM_COORDINATOR, "
+        "NUMPYRO_EBM_NUM_PROCESSES, NUMPYRO_EBM_PROCESS_ID) or --cpu-devices the walkers are "
+        "split over every device of every process; every process runs the same command",
+    )
+    g.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                   help="address of process 0, where the processes meet")
+    g.add_argument("--num-processes", type=_positive_int, default=None, help="number of processes")
+    g.add_argument("--process-id", type=_int_at_least(0), default=None, help="this process, 0 .. P-1")
+    g.add_argument("--cpu-devices", type=_positive_int, default=None,
+                   help="split the CPU into this many devices per process (for tests)")
+
+
+def _add_run_output_options(p: argparse.ArgumentParser) -> None:
+    """Checkpoints and the final walkers."""
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="Orbax checkpoints of each method in DIR/<method> (shared by all processes)")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None,
+                   help="checkpoint interval in iterations, rounded down to a multiple of the snapshot "
+                   "interval (default: every 250-iteration chunk)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --checkpoint-dir")
+    p.add_argument("--save-state", action="store_true",
+                   help="also save the final parameters and walkers as gmm_<method>_state.npz")
+
+
+_PROCESS_ENV = {"coordinator": "NUMPYRO_EBM_COORDINATOR", "num_processes": "NUMPYRO_EBM_NUM_PROCESSES",
+                "process_id": "NUMPYRO_EBM_PROCESS_ID"}
+
+
+def _join_processes(argv: Sequence[str] | None) -> bool:
+    """Join the other processes (or split the CPU) as the process options say, before JAX
+    starts; True when the walkers are to be split over several devices."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] != "gmm":  # the other commands run on one device
+        return False
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    _add_process_options(pre)
+    known, _ = pre.parse_known_args(argv)
+    launch = {k: getattr(known, k) for k in _PROCESS_ENV}
+    if all(v is None for v in launch.values()) and not any(os.environ.get(e) for e in _PROCESS_ENV.values()):
+        if known.cpu_devices is None:
+            return False
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", known.cpu_devices)
+        return True
+    from numpyro_ebm import distributed
+
+    distributed.initialize(launch["coordinator"], launch["num_processes"], launch["process_id"],
+                           cpu_devices=known.cpu_devices)
+    return True
+
+
+def _save_state(results, path_of) -> None:
+    """``gmm_<method>_state.npz``: final parameters, walkers, log-weights, log normaliser."""
+    import numpy as np
+
+    for method in results["config"].methods:
+        result = results[method]["result"]
+        arrays = {f"params_{k}": np.asarray(v) for k, v in result.params.items()}
+        arrays.update(particles=np.asarray(result.state.particles),
+                      log_weights=np.asarray(result.state.log_weights),
+                      log_normalizer=np.asarray(result.state.log_normalizer),
+                      resampled=np.asarray(result.trace.get("resampled", [])))
+        np.savez(path_of(f"gmm_{method}_state.npz"), **arrays)
 
 
 def _run_gmm(args: argparse.Namespace) -> int:
@@ -151,14 +224,34 @@ def _run_gmm(args: argparse.Namespace) -> int:
         seed=args.seed,
         float64=not args.float32,
     )
-    os.makedirs(args.output_dir, exist_ok=True)
-    print(
-        f"Gaussian mixture: d={config.dim}, {config.num_data} data points, "
-        f"{config.num_walkers} walkers, {config.num_iterations} iterations, "
-        f"methods {', '.join(config.methods)}",
-        flush=True,
-    )
-    results = gmm.run(config, progress=not args.no_progress)
+    mesh, main = None, True
+    if getattr(args, "split_walkers", False):
+        from numpyro_ebm import distributed
+
+        mesh, main = distributed.global_mesh(), distributed.is_main_process()
+    if args.resume and args.checkpoint_dir is None:
+        print("numpyro-ebm gmm: error: --resume needs --checkpoint-dir", file=sys.stderr)
+        return 2
+    if main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        where = "" if mesh is None else f", split over {mesh.size} devices of {_num_processes(mesh)} process(es)"
+        print(
+            f"Gaussian mixture: d={config.dim}, {config.num_data} data points, "
+            f"{config.num_walkers} walkers{where}, {config.num_iterations} iterations, "
+            f"methods {', '.join(config.methods)}",
+            flush=True,
+        )
+    try:
+        results = gmm.run(config, progress=main and not args.no_progress, mesh=mesh,
+                          checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                          resume=args.resume)
+    except ValueError as err:  # a bad setting, processes that disagree, another run's checkpoint
+        print(f"numpyro-ebm gmm: error: {err}", file=sys.stderr)
+        return 2
+    if not main:  # process 0 writes the files
+        return 0
+    if args.save_state:
+        _save_state(results, lambda name: os.path.join(args.output_dir, name))
     table = gmm.format_table(results)
     print(table)
     png = os.path.join(args.output_dir, "gmm.png")
@@ -403,9 +496,19 @@ def _use_compilation_cache(path: str | None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def _num_processes(mesh) -> int:
+    return len({device.process_index for device in mesh.devices.flat})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        split_walkers = _join_processes(argv)
+    except (ValueError, RuntimeError) as err:
+        print(f"numpyro-ebm: error: {err}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.split_walkers = split_walkers
     _check_output_dir(parser, args.output_dir)
     _use_compilation_cache(args.compilation_cache)
     if args.command == "gmm":

@@ -17,9 +17,12 @@ JAX's default PRNG (``threefry`` with ``jax_threefry_partitionable``, the defaul
 the same numbers whatever the sharding, so a sharded run reproduces the single-device run
 with the same key up to the order of floating-point reductions.
 
-With several hosts, call ``jax.distributed.initialize()`` on each process first; a
-``Mesh`` over ``jax.devices()`` (all processes' devices) then shards the walkers over
-every device of every host, and the same code runs unchanged (see the docs page "Scale").
+With several processes (hosts, or one process per GPU), call
+:func:`numpyro_ebm.distributed.initialize` on each process first; a ``Mesh`` over
+``jax.devices()`` (all processes' devices, :func:`numpyro_ebm.distributed.global_mesh`)
+then shards the walkers over every device of every process and the same code runs
+unchanged. Host arrays are then placed with :func:`jax.make_array_from_callback`, so
+each process copies only the rows its own devices hold (see the docs page "Scale").
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from numpyro_ebm.distributed import spans_processes
 from numpyro_ebm.kernels.base import JarzynskiState
 
 __all__ = [
     "walker_sharding", "replicated", "shard_state", "constrain_state", "check_mesh",
-    "place_for_training",
+    "place_for_training", "spans_processes", "place", "place_walkers", "place_train_state",
 ]
 
 
@@ -48,6 +53,46 @@ def check_mesh(mesh: Any, num_walkers: int) -> Mesh:
             f"`mesh` ({mesh.size}) to shard the walkers evenly"
         )
     return mesh
+
+
+def place(tree: Any, sharding: Any) -> Any:
+    """``tree`` on ``sharding`` (one :class:`NamedSharding`, or a tree of them matching
+    ``tree``). On one process: :func:`jax.device_put`. Over several processes, each leaf
+    becomes one global array: a host or single-device array (the same on every process)
+    through :func:`jax.make_array_from_callback`, so each process copies only the part its
+    devices hold; an array already spread over the processes is resharded inside ``jit``."""
+    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else jax.tree.leaves(sharding)[0].mesh
+    if not spans_processes(mesh):
+        return jax.device_put(tree, sharding)
+
+    def put(leaf, target):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            if leaf.sharding == target:
+                return leaf
+            return jax.jit(lambda x: x, out_shardings=target)(leaf)
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+    if isinstance(sharding, NamedSharding):
+        return jax.tree.map(lambda leaf: put(leaf, sharding), tree)
+    return jax.tree.map(put, tree, sharding)
+
+
+def place_train_state(state: Any, mesh: Mesh) -> Any:
+    """A :class:`~numpyro_ebm.training.trainer.TrainState` on ``mesh``: the walker state as
+    :func:`shard_state` places it, the lineage split the same way, everything else
+    (parameters, optimiser state, cached walker gradient, counters) copied to every device.
+    A state restored from a checkpoint takes this placement too."""
+    split = walker_sharding(mesh)
+    rest = place(state._replace(walkers=None, lineage=None), replicated(mesh))
+    walkers = place(state.walkers, _state_shardings(state.walkers, mesh))
+    lineage = None if state.lineage is None else place(state.lineage, split)
+    return rest._replace(walkers=walkers, lineage=lineage)
+
+
+def place_walkers(particles: Any, mesh: Mesh) -> Any:
+    """The walkers' positions split over ``mesh`` (:func:`place`)."""
+    return place(particles, walker_sharding(mesh))
 
 
 def walker_sharding(mesh: Mesh) -> NamedSharding:
@@ -93,6 +138,6 @@ def place_for_training(mesh: Mesh, data: Any, params: Any, num_walkers: int | No
         raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     num_data = jax.tree.leaves(data)[0].shape[0]
     whole = replicated(mesh)
-    params = jax.device_put(params, whole)
-    data = jax.device_put(data, walker_sharding(mesh) if num_data % mesh.size == 0 else whole)
+    params = place(params, whole)
+    data = place(data, walker_sharding(mesh) if num_data % mesh.size == 0 else whole)
     return data, params, lambda state: constrain_state(state, mesh)

@@ -8,7 +8,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).parent.parent / "numpyro_ebm"
 CORE = sorted(
-    ["jarzynski_ula", "estimators", "train", "sharding", "schedule", "step_size", "normalizer",
+    ["jarzynski_ula", "estimators", "train", "sharding", "distributed", "schedule", "step_size", "normalizer",
      "checkpoint", "_checks", "_optional"]
     + [f"{pkg}/{p.stem}" for pkg in ("kernels", "training") for p in (PACKAGE / pkg).glob("*.py")]
 )

@@ -58,10 +58,10 @@ from numpyro_ebm.experiments.digits_models import (
     train_classifier,
     train_cnn_classifier,
 )
+from numpyro_ebm.step_size import step_size_adaptation
 from numpyro_ebm.training.callbacks import Snapshots
 from numpyro_ebm.training.fit import FitResult, fit
 from numpyro_ebm.training.labels import label_trace
-from numpyro_ebm.step_size import step_size_adaptation
 from numpyro_ebm.training.penalties import squared_energy
 
 __all__ = [

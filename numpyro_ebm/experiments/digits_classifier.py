@@ -51,7 +51,8 @@ class DigitClassifier:
     def predict_proba(self, images: Any, batch_size: int = 1024) -> np.ndarray:
         """Class probabilities, shape ``(n, len(classes))``, columns in the order of ``classes``."""
         images = np.asarray(images, np.float32)
-        parts = [np.asarray(self._proba(images[i:i + batch_size]), np.float64) for i in range(0, len(images), batch_size)]
+        parts = [np.asarray(self._proba(images[i:i + batch_size]), np.float64)
+                 for i in range(0, len(images), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, len(self.classes)))
 
     def label_fn(self, images: jax.Array) -> jax.Array:

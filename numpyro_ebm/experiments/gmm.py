@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from typing import Any
 
@@ -38,7 +39,7 @@ from numpyro_ebm.estimators import (
     group_log_normalizers,
     group_log_weight_sums,
 )
-from numpyro_ebm.training.callbacks import ParetoKhat, Snapshots
+from numpyro_ebm.training.callbacks import Checkpoint, ParetoKhat, Snapshots
 from numpyro_ebm.training.fit import METHODS, FitResult, fit
 
 __all__ = [
@@ -151,23 +152,46 @@ def _walker_small_mass(state, config: GMMConfig) -> jax.Array:
     return jnp.sum(jnp.exp(state.log_weights) * on_small)
 
 
-def run(config: GMMConfig = GMMConfig(), *, progress: bool = False) -> dict[str, Any]:
+def run(config: GMMConfig = GMMConfig(), *, progress: bool = False, mesh: Any = None,
+        checkpoint_dir: str | None = None, checkpoint_every: int | None = None,
+        resume: bool = False) -> dict[str, Any]:
     """Run the experiment for every method in ``config.methods``.
 
     Returns a dict with ``config``, the data, the initial params, and per method a dict
     with the ``FitResult``, the per-iteration ``small_mass`` (model), ``walker_small_mass``
     (weighted walkers), ``exact_cross_entropy``, ``cross_entropy`` (Jarzynski estimate,
     jarzynski only), and ``wall_time`` in seconds (compilation included).
+
+    ``mesh`` splits the walkers over its devices (``fit(mesh=)``; with a mesh over several
+    processes every process calls ``run`` alike and gets the whole results, gathered).
+    ``checkpoint_dir``: Orbax checkpoints of each method in ``checkpoint_dir/<method>`` every
+    ``checkpoint_every`` iterations; ``resume`` continues from them.
     """
     previous_x64 = jax.config.read("jax_enable_x64")
     jax.config.update("jax_enable_x64", config.float64)
     try:
-        return _run(config, progress)
+        return _run(config, progress, mesh, checkpoint_dir, checkpoint_every, resume)
     finally:
         jax.config.update("jax_enable_x64", previous_x64)
 
 
-def _run(config: GMMConfig, progress: bool) -> dict[str, Any]:
+def _callbacks(config, method, checkpoint_dir, checkpoint_every, resume):
+    """Snapshots (every K/8 iterations) with k-hat, and the checkpoints: their interval is
+    rounded down to a multiple of the snapshot interval (the loop needs one)."""
+    from numpyro_ebm.diagnostics import pareto_khat
+
+    callbacks = [Snapshots(max(1, config.num_iterations // 8)), ParetoKhat(pareto_khat)]
+    if checkpoint_dir is not None:
+        every = checkpoint_every
+        snapshot_every = callbacks[0].snapshot_every
+        if every is not None and every % snapshot_every:  # the loop needs a multiple
+            every = max(snapshot_every, every - every % snapshot_every)
+        callbacks.append(Checkpoint(os.path.join(checkpoint_dir, method), every=every, resume=resume))
+    return callbacks
+
+
+def _run(config: GMMConfig, progress: bool, mesh=None, checkpoint_dir=None, checkpoint_every=None,
+         resume=False) -> dict[str, Any]:
     key = jax.random.key(config.seed)
     data_key, init_key, walker_key, fit_key = jax.random.split(key, 4)
     teacher = teacher_params(config)
@@ -201,8 +225,6 @@ def _run(config: GMMConfig, progress: bool) -> dict[str, Any]:
         "log_z0": log_z0,
         "teacher_params": teacher,
     }
-    from numpyro_ebm.diagnostics import pareto_khat
-
     for method in config.methods:
         t0 = time.perf_counter()
         result: FitResult = fit(
@@ -219,8 +241,13 @@ def _run(config: GMMConfig, progress: bool) -> dict[str, Any]:
             log_z0=log_z0 if method == "jarzynski" else None,
             trace_fn=jarzynski_trace_fn if method == "jarzynski" else trace_fn,
             progress=progress,
-            callbacks=[Snapshots(max(1, config.num_iterations // 8)), ParetoKhat(pareto_khat)],
+            callbacks=_callbacks(config, method, checkpoint_dir, checkpoint_every, resume),
+            mesh=mesh,
         )
+        if mesh is not None:  # the walkers may be spread over processes: gather them
+            from numpyro_ebm.distributed import to_host
+
+            result = to_host(result)
         jax.block_until_ready(result.params)
         wall = time.perf_counter() - t0
         trace = result.trace

@@ -18,12 +18,12 @@ Shared pieces: :mod:`~numpyro_ebm.kernels.base` (state, info, weight update, res
 
 from numpyro_ebm.kernels import (
     adaptive_jarzynski_ula,
+    authors_ula,
     base,
     cd,
     evaluation,
     jarzynski_ula,
     langevin,
-    authors_ula,
     rejuvenation,
     resampling,
     summary,

@@ -325,6 +325,16 @@ def apply_move(
     return new_state, delta, increment, ~finite
 
 
+def _on_every_device(x: jax.Array) -> jax.Array:
+    """``x`` copied to every device of the mesh in context (``jax.set_mesh``, which
+    ``fit(mesh=)`` sets), so that resampling's cumulative sum runs on whole weights on each
+    device: XLA partitions a cumulative sum over a split axis badly (2 s instead of 0.01 s
+    at 10^5 walkers on 2 CPU devices). Without a mesh in context: ``x`` itself."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
+
+
 def resample_if_degenerate(
     rng_key: jax.Array,
     state: JarzynskiState,
@@ -340,7 +350,7 @@ def resample_if_degenerate(
     do_resample = ess < ess_threshold * n
 
     def resample(_):
-        idx = resampling_fn(rng_key, jnp.exp(state.log_weights), n)
+        idx = resampling_fn(rng_key, _on_every_device(jnp.exp(state.log_weights)), n)
         take = lambda tree: jax.tree.map(lambda leaf: leaf[idx], tree)  # noqa: E731
         new = state._replace(
             particles=take(state.particles),

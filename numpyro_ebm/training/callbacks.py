@@ -126,7 +126,7 @@ class Checkpoint:
 
         state = ctx.initial_state
         kernel = ctx.trainer.kernel
-        fingerprints = {"data_sha256": _sha256(ctx.data),
+        fingerprints = {**_data_fingerprint(ctx.data),
                         "optimizer_probe_sha256": _optimizer_probe(ctx.trainer.optimizer, state.params)}
         meta = run_metadata(method=kernel.name, num_walkers=state.walkers.log_weights.shape[0],
                             params=state.params, particles=state.walkers.particles, data=ctx.data,
@@ -154,6 +154,21 @@ class Checkpoint:
         if self._checkpointer is not None:
             self._checkpointer.close()
             self._checkpointer = None
+
+
+def _data_fingerprint(data: Any) -> dict[str, str]:
+    """``{"data_sha256": ...}``; for data split over several processes (not fetchable by one)
+    ``{"data_checksum": ...}``, a global reduction
+    (:func:`numpyro_ebm.distributed.global_checksum`) that does not depend on the split."""
+    import jax
+
+    leaves = jax.tree.leaves(data)
+    if all(not isinstance(leaf, jax.Array) or leaf.is_fully_addressable or leaf.is_fully_replicated
+           for leaf in leaves):
+        return {"data_sha256": _sha256(data)}
+    from numpyro_ebm.distributed import global_checksum
+
+    return {"data_checksum": ";".join(global_checksum(jax.numpy.asarray(leaf)) for leaf in leaves)}
 
 
 def _sha256(tree: Any) -> str:

@@ -9,6 +9,7 @@ the loop (:func:`~numpyro_ebm.training.run`) and the callbacks
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -208,7 +209,11 @@ def fit(
     ``Checkpoint``, ...) run between chunks of ``chunk_size`` iterations; ``NonFiniteStop``,
     ``DivergenceCheck`` and ``DegeneracyCheck`` are added unless given, and ``progress=True``
     adds a ``ProgressBar``. ``mesh`` (a :class:`jax.sharding.Mesh`) splits the walkers over
-    its devices (:mod:`numpyro_ebm.sharding`).
+    its devices (:mod:`numpyro_ebm.sharding`); a mesh over the devices of several processes
+    (:func:`numpyro_ebm.distributed.global_mesh`) splits them over every process, each of
+    which calls ``fit`` with the same arguments (checked: a ``ValueError`` names the
+    arguments that differ) and gets the same result, its walkers as global arrays
+    (:func:`numpyro_ebm.distributed.to_host` gathers them).
 
     ``rng_key`` is split into an initialisation key and a loop key; iteration ``k`` uses
     ``fold_in(loop_key, k)``, so results depend neither on ``chunk_size`` nor on a resume.
@@ -229,30 +234,74 @@ def fit(
     if mesh is not None:
         from numpyro_ebm import sharding
 
+        if isinstance(mesh, sharding.Mesh) and sharding.spans_processes(mesh):
+            _check_processes_agree(locals())
         data, params, constrain = sharding.place_for_training(mesh, data, params, num_walkers)
     trainer = build_trainer(potential_fn, optimizer, kernel, log_z0=log_z0,
                             step_size_adaptation=step_size_adaptation, trace_fn=trace_fn,
                             constrain_walkers=constrain, energy_penalty=energy_penalty)
     if init_state is None:
-        particles = _as_dtype(
-            _initial_particles(kernel, init_particles, num_walkers, data, num_data, init_key), dtype
-        )
+        if mesh is not None and sharding.spans_processes(mesh) \
+                and (init_particles is None or isinstance(init_particles, str)):
+            # drawn where they live: each device draws only its own walkers (the same numbers)
+            particles = jax.jit(lambda key: _as_dtype(_initial_particles(
+                kernel, init_particles, num_walkers, data, num_data, key), dtype),
+                out_shardings=sharding.walker_sharding(mesh))(init_key)
+        else:
+            particles = _as_dtype(
+                _initial_particles(kernel, init_particles, num_walkers, data, num_data, init_key), dtype
+            )
         if mesh is not None:
-            particles = jax.device_put(particles, sharding.walker_sharding(mesh))
+            particles = sharding.place_walkers(particles, mesh)
         init_state = trainer.init(params, particles)
     elif not isinstance(init_state, TrainState):
         raise TypeError(f"`init_state` must be a TrainState (FitResult.train_state), got "
                         f"{type(init_state).__name__}")
+    if mesh is not None:  # every leaf on the mesh (also the target of a checkpoint restore)
+        init_state = sharding.place_train_state(init_state, mesh)
     callbacks = _default_callbacks(callbacks, progress)
     _record_settings(callbacks, data_batch_size=data_batch_size, log_z0=log_z0,
                      trace_fn=trace_fn is not None, step_size_adaptation=step_size_adaptation is not None,
                      energy_penalty=None if energy_penalty is None else repr(energy_penalty.alpha))
     try:
-        result = run(loop_key, trainer, init_state, num_iterations, data=data,
-                     data_batch_size=data_batch_size, chunk_size=chunk_size, callbacks=callbacks)
+        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):  # (kernels.base)
+            result = run(loop_key, trainer, init_state, num_iterations, data=data,
+                         data_batch_size=data_batch_size, chunk_size=chunk_size, callbacks=callbacks)
     except NonFiniteError as err:
         raise NonFiniteError(str(err), _fit_result(err.result, kernel)) from None
     return _fit_result(result, kernel)
+
+
+def _check_processes_agree(args: dict[str, Any]) -> None:
+    """Every process of a multi-process ``mesh`` must call ``fit`` alike (otherwise they
+    compile different programs and wait on each other): compare the arguments that shape the
+    run, by digest, across processes (:func:`numpyro_ebm.distributed.check_same_settings`)."""
+    from numpyro_ebm import distributed
+    from numpyro_ebm.training.callbacks import _optimizer_probe
+
+    def name_of(fn):
+        return None if fn is None else getattr(fn, "__qualname__", type(fn).__name__)
+
+    init = args["init_particles"]
+    kernel = args["kernel"]
+    settings = {
+        "kernel": (kernel.name, sorted((k, repr(v)) for k, v in kernel.config.items())),
+        "optimizer": _optimizer_probe(args["optimizer"], args["params"]),
+        "init_particles": name_of(init) if callable(init) else init,
+        "init_state_iteration": None if args["init_state"] is None else int(args["init_state"].iteration),
+        "trace_fn": name_of(args["trace_fn"]), "potential_fn": name_of(args["potential_fn"]),
+        # what shapes the chunks (compiled programs) and the collective Orbax saves
+        "callbacks": [(type(cb).__name__, getattr(cb, "every", None), getattr(cb, "snapshot_every", None))
+                      for cb in (args["callbacks"] or ()) if isinstance(cb, Checkpoint)
+                      or getattr(cb, "every", None) or getattr(cb, "snapshot_every", None)],
+        "mesh": (args["mesh"].axis_names, [d.id for d in args["mesh"].devices.flat]),
+        "step_size_adaptation": args["step_size_adaptation"] is not None,
+        "energy_penalty": repr(getattr(args["energy_penalty"], "alpha", args["energy_penalty"])),
+    }
+    for name in ("params", "data", "num_iterations", "rng_key", "num_walkers", "data_batch_size",
+                 "log_z0", "chunk_size"):
+        settings[name] = args[name]
+    distributed.check_same_settings(settings, "fit")
 
 
 def _record_settings(callbacks, **settings):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_ebm import _checks
+from numpyro_ebm.distributed import to_host
 from numpyro_ebm.errors import CallbackFailedWarning
 from numpyro_ebm.training.trainer import Trainer, TrainInfo, TrainState
 
@@ -252,8 +253,8 @@ def run(
                 num_blocks = max(1, min(chunk // snapshot_every, remaining // block_len))
                 length = num_blocks * block_len
                 state, chunk_rows, chunk_snaps = snapshot_fn(state, data, num_blocks, block_len)
-                chunk_snaps = jax.device_get(chunk_snaps)
-            chunk_rows = jax.device_get(chunk_rows)
+                chunk_snaps = to_host(chunk_snaps)
+            chunk_rows = to_host(chunk_rows)
             rows.append(chunk_rows)
             if chunk_snaps is not None:
                 snaps.append(chunk_snaps)
