@@ -252,46 +252,41 @@ def _run_gmm(args: argparse.Namespace) -> int:
         return 0
     if args.save_state:
         _save_state(results, lambda name: os.path.join(args.output_dir, name))
+    _write_gmm_outputs(args.output_dir, config, results)
+    return 0
+
+
+_GMM_SUMMARY_KEYS = (
+    "final_small_mass", "final_exact_cross_entropy", "final_cross_entropy_estimate", "ce_estimate_error",
+    "max_abs_ce_estimate_error", "final_cross_entropy_corrected", "ce_corrected_error",
+    "final_cross_entropy_stderr", "num_resampling", "wall_time",
+)
+
+
+def _write_gmm_outputs(output_dir: str, config, results: dict) -> None:
+    """Print the table and write gmm.png, gmm_training_jarzynski.png, gmm.json, gmm.txt."""
+    from numpyro_ebm.experiments import gmm
+
     table = gmm.format_table(results)
     print(table)
-    png = os.path.join(args.output_dir, "gmm.png")
-    gmm.plot(results, png)
+    gmm.plot(results, os.path.join(output_dir, "gmm.png"))
     if "jarzynski" in results:
         from numpyro_ebm.diagnostics import plot_training
 
         plot_training(
             results["jarzynski"]["result"],
             exact_cross_entropy=results["jarzynski"]["exact_cross_entropy"],
-            path=os.path.join(args.output_dir, "gmm_training_jarzynski.png"),
+            path=os.path.join(output_dir, "gmm_training_jarzynski.png"),
         )
     summary = {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
-        "methods": {
-            m: {
-                k: results[m][k]
-                for k in (
-                    "final_small_mass",
-                    "final_exact_cross_entropy",
-                    "final_cross_entropy_estimate",
-                    "ce_estimate_error",
-                    "max_abs_ce_estimate_error",
-                    "final_cross_entropy_corrected",
-                    "ce_corrected_error",
-                    "final_cross_entropy_stderr",
-                    "num_resampling",
-                    "wall_time",
-                )
-                if k in results[m]
-            }
-            for m in config.methods
-        },
+        "methods": {m: {k: results[m][k] for k in _GMM_SUMMARY_KEYS if k in results[m]} for m in config.methods},
     }
-    with open(os.path.join(args.output_dir, "gmm.json"), "w") as fh:
+    with open(os.path.join(output_dir, "gmm.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
-    with open(os.path.join(args.output_dir, "gmm.txt"), "w") as fh:
+    with open(os.path.join(output_dir, "gmm.txt"), "w") as fh:
         fh.write(table + "\n")
-    print(f"saved gmm.png, gmm_training_jarzynski.png, gmm.json and gmm.txt in {args.output_dir}")
-    return 0
+    print(f"saved gmm.png, gmm_training_jarzynski.png, gmm.json and gmm.txt in {output_dir}")
 
 
 def _classes(text: str) -> tuple[int, ...]:

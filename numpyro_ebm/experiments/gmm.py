@@ -190,16 +190,9 @@ def _callbacks(config, method, checkpoint_dir, checkpoint_every, resume):
     return callbacks
 
 
-def _run(config: GMMConfig, progress: bool, mesh=None, checkpoint_dir=None, checkpoint_every=None,
-         resume=False) -> dict[str, Any]:
-    key = jax.random.key(config.seed)
-    data_key, init_key, walker_key, fit_key = jax.random.split(key, 4)
-    teacher = teacher_params(config)
-    data = sample_mixture(data_key, teacher, config.num_data)
-    params0 = initial_params(init_key, config)
-    walkers0 = sample_mixture(walker_key, params0, config.num_walkers)
-    log_z0 = float(mixture_log_normalizer(params0))
-
+def _trace_fns(config: GMMConfig):
+    """``(trace_fn, jarzynski_trace_fn)``: the mixture's masses and exact log normaliser, and
+    for Jarzynski also the walker-group sums, the parameters and the feedback-bias term."""
     learning_rates = {"means": config.learning_rate, "logits": config.logit_learning_rate}
 
     def trace_fn(params, state):
@@ -218,6 +211,19 @@ def _run(config: GMMConfig, progress: bool, mesh=None, checkpoint_dir=None, chec
             out["feedback_bias"] = feedback_bias_step(mixture_potential, params, state, learning_rates)
         return out
 
+    return trace_fn, jarzynski_trace_fn
+
+
+def _run(config: GMMConfig, progress: bool, mesh=None, checkpoint_dir=None, checkpoint_every=None,
+         resume=False) -> dict[str, Any]:
+    key = jax.random.key(config.seed)
+    data_key, init_key, walker_key, fit_key = jax.random.split(key, 4)
+    teacher = teacher_params(config)
+    data = sample_mixture(data_key, teacher, config.num_data)
+    params0 = initial_params(init_key, config)
+    walkers0 = sample_mixture(walker_key, params0, config.num_walkers)
+    log_z0 = float(mixture_log_normalizer(params0))
+    trace_fn, jarzynski_trace_fn = _trace_fns(config)
     out: dict[str, Any] = {
         "config": config,
         "data": data,
@@ -249,44 +255,48 @@ def _run(config: GMMConfig, progress: bool, mesh=None, checkpoint_dir=None, chec
 
             result = to_host(result)
         jax.block_until_ready(result.params)
-        wall = time.perf_counter() - t0
-        trace = result.trace
-        extra = trace["extra"]
-        exact_ce = trace["data_energy"] + extra["log_normalizer_exact"]
-        final_params = result.params
-        final_exact_ce = float(
-            jnp.mean(jax.vmap(mixture_potential, (None, 0))(final_params, data))
-            + mixture_log_normalizer(final_params)
-        )
-        entry = {
-            "result": result,
-            "small_mass": np.asarray(extra["small_mass"]),
-            "walker_small_mass": np.asarray(extra["walker_small_mass"]),
-            "exact_cross_entropy": np.asarray(exact_ce),
-            "final_small_mass": float(small_mode_mass(final_params, config)),
-            "final_exact_cross_entropy": final_exact_ce,
-            "wall_time": wall,
-        }
-        if "cross_entropy" in trace:
-            entry["cross_entropy"] = np.asarray(trace["cross_entropy"])
-            # the estimate at theta_K: data energy at theta_K + log Z0 + Jarzynski ratio
-            final_estimate = (
-                final_exact_ce
-                - float(mixture_log_normalizer(final_params))
-                + log_z0
-                + float(result.state.log_normalizer)
-            )
-            entry["final_cross_entropy_estimate"] = final_estimate
-            entry["ce_estimate_error"] = final_estimate - final_exact_ce
-            entry["max_abs_ce_estimate_error"] = float(
-                np.max(np.abs(entry["cross_entropy"] - entry["exact_cross_entropy"]))
-            )
-            entry["num_resampling"] = int(np.sum(trace["resampled"]))
-            _add_group_stderr(entry, trace, result.state, config.num_groups)
-            if "feedback_bias" in extra:
-                _add_feedback_correction(entry, np.asarray(extra["feedback_bias"]))
-        out[method] = entry
+        out[method] = _method_entry(config, data, log_z0, result, time.perf_counter() - t0)
     return out
+
+
+def _method_entry(config: GMMConfig, data, log_z0: float, result: FitResult, wall: float) -> dict[str, Any]:
+    """The per-method results of :func:`run` (see there)."""
+    trace = result.trace
+    extra = trace["extra"]
+    exact_ce = trace["data_energy"] + extra["log_normalizer_exact"]
+    final_params = result.params
+    final_exact_ce = float(
+        jnp.mean(jax.vmap(mixture_potential, (None, 0))(final_params, data))
+        + mixture_log_normalizer(final_params)
+    )
+    entry = {
+        "result": result,
+        "small_mass": np.asarray(extra["small_mass"]),
+        "walker_small_mass": np.asarray(extra["walker_small_mass"]),
+        "exact_cross_entropy": np.asarray(exact_ce),
+        "final_small_mass": float(small_mode_mass(final_params, config)),
+        "final_exact_cross_entropy": final_exact_ce,
+        "wall_time": wall,
+    }
+    if "cross_entropy" in trace:
+        entry["cross_entropy"] = np.asarray(trace["cross_entropy"])
+        # the estimate at theta_K: data energy at theta_K + log Z0 + Jarzynski ratio
+        final_estimate = (
+            final_exact_ce
+            - float(mixture_log_normalizer(final_params))
+            + log_z0
+            + float(result.state.log_normalizer)
+        )
+        entry["final_cross_entropy_estimate"] = final_estimate
+        entry["ce_estimate_error"] = final_estimate - final_exact_ce
+        entry["max_abs_ce_estimate_error"] = float(
+            np.max(np.abs(entry["cross_entropy"] - entry["exact_cross_entropy"]))
+        )
+        entry["num_resampling"] = int(np.sum(trace["resampled"]))
+        _add_group_stderr(entry, trace, result.state, config.num_groups)
+        if "feedback_bias" in extra:
+            _add_feedback_correction(entry, np.asarray(extra["feedback_bias"]))
+    return entry
 
 
 def _add_group_stderr(entry: dict[str, Any], trace: dict, state, num_groups: int) -> None:
