@@ -68,7 +68,7 @@ AUTHORS_ESS_THRESHOLD = 1.0 / (1.0 + 1.5**2)  # std(w / mean w) > 1.5
 
 def init(particles: jax.Array, params, potential_fn: PotentialFn) -> JarzynskiState:
     """Equal weights for ``params`` (as :func:`numpyro_ebm.kernels.jarzynski_ula.init`)."""
-    if not isinstance(particles, jax.Array | jnp.ndarray) and not hasattr(particles, "shape"):
+    if not hasattr(particles, "shape"):
         raise TypeError("`particles` must be a single array for the authors' kernel")
     return _init(particles, params, potential_fn)
 
