@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 
-def one(num_walkers, seed, lr_scale, ess, iterations, dim):
+def one(num_walkers, seed, lr_scale, ess, iterations, dim, islands=True):
     from numpyro_ebm.experiments import gmm
 
     base = gmm.GMMConfig()
@@ -37,7 +37,7 @@ def one(num_walkers, seed, lr_scale, ess, iterations, dim):
         dim=dim, num_walkers=num_walkers, seed=seed, methods=("jarzynski",), ess_threshold=ess,
         learning_rate=base.learning_rate * lr_scale,
         logit_learning_rate=base.logit_learning_rate * lr_scale,
-        num_iterations=int(round(iterations / lr_scale)),
+        num_iterations=int(round(iterations / lr_scale)), island_resampling=islands,
     )
     t0 = time.perf_counter()
     r = gmm.run(config)["jarzynski"]
@@ -46,7 +46,7 @@ def one(num_walkers, seed, lr_scale, ess, iterations, dim):
     every = max(1, len(err) // 200)
     return {
         "num_walkers": num_walkers, "seed": seed, "lr_scale": lr_scale, "ess_threshold": ess,
-        "num_iterations": config.num_iterations, "dim": dim,
+        "num_iterations": config.num_iterations, "dim": dim, "island_resampling": islands,
         "final_error": r["ce_estimate_error"], "final_corrected_error": r["ce_corrected_error"],
         "total_feedback_correction": float(np.sum(r["feedback_bias"])),
         "final_stderr": r["final_cross_entropy_stderr"],
@@ -125,7 +125,7 @@ def bounds_along_run(num_walkers, seed, out_png, annealing_walkers=500):
 def summary(runs):
     keys = sorted({(r["num_walkers"], r["lr_scale"], r["ess_threshold"]) for r in runs})
     lines = [f"{'N':>7} {'lr x':>5} {'ess':>5} {'seeds':>5} {'error':>16} {'corrected':>16} "
-             f"{'correction':>10} {'group se':>8} {'sd(corr.)':>9}"]
+             f"{'correction':>10} {'group se':>8} {'sd(corr.)':>9} {'|z|<2':>6}"]
     for n, s, e in keys:
         sel = [r for r in runs if (r["num_walkers"], r["lr_scale"], r["ess_threshold"]) == (n, s, e)]
         def ms(name, sel=sel):
@@ -135,8 +135,10 @@ def summary(runs):
         corr = np.mean([r["total_feedback_correction"] for r in sel])
         se = np.sqrt(np.mean([r.get("final_stderr", np.nan) ** 2 for r in sel]))
         sd = np.std([r["final_corrected_error"] for r in sel], ddof=1) if len(sel) > 1 else np.nan
+        z = np.array([r["final_corrected_error"] / r.get("final_stderr", np.nan) for r in sel])
         lines.append(f"{n:>7} {s:>5} {e:>5} {len(sel):>5} {ms('final_error'):>16} "
-                     f"{ms('final_corrected_error'):>16} {corr:>10.4f} {se:>8.4f} {sd:>9.4f}")
+                     f"{ms('final_corrected_error'):>16} {corr:>10.4f} {se:>8.4f} {sd:>9.4f} "
+                     f"{np.mean(np.abs(z) < 2):>6.2f}")
     return "\n".join(lines)
 
 
@@ -149,6 +151,8 @@ def main():
     p.add_argument("--iterations", type=int, default=2000)
     p.add_argument("--dim", type=int, default=50)
     p.add_argument("--json", default=None)
+    p.add_argument("--no-islands", action="store_true",
+                   help="resample all walkers together (GMMConfig(island_resampling=False))")
     p.add_argument("--out", default=None, help="directory for gmm_ce_bias.json")
     p.add_argument("--figure", default=None, help="PNG: the docs figure instead of the table")
     a = p.parse_args()
@@ -163,7 +167,7 @@ def main():
         for s in map(float, a.lr_scales.split(",")):
             for e in map(float, a.ess.split(",")):
                 for seed in map(int, a.seeds.split(",")):
-                    r = one(n, seed, s, e, a.iterations, a.dim)
+                    r = one(n, seed, s, e, a.iterations, a.dim, not a.no_islands)
                     runs.append(r)
                     print(f"N={n} lr x{s} ess={e} seed={seed}: error {r['final_error']:+.4f}, "
                           f"corrected {r['final_corrected_error']:+.4f} ± {r['final_stderr']:.4f}, resamplings "

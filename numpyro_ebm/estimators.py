@@ -181,7 +181,7 @@ def group_log_weight_sums(state: JarzynskiState, num_groups: int) -> jax.Array:
 
 
 def group_log_normalizers(log_normalizer: jax.Array, group_log_sums: jax.Array,
-                          resampled: jax.Array) -> tuple[jax.Array, jax.Array]:
+                          resampled: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     r"""Per-group estimates of :math:`\log Z_{\theta_k}/Z_{\theta_0}` along a run, and the
     standard error of the run's estimate they imply.
 
@@ -203,15 +203,23 @@ def group_log_normalizers(log_normalizer: jax.Array, group_log_sums: jax.Array,
     the error, not a bias (:func:`feedback_bias_step`), and it underestimates when
     resampling mixes the groups' lineages. Returns ``(ell, stderr)`` with shapes
     ``(K, G)`` and ``(K,)``; row ``K - 1`` uses the steps before it only.
+
+    ``resampled=None``: the run resampled its groups as islands (the Jarzynski kernel's
+    ``resampling_groups`` equal to ``G``), which leaves each group's total weight unchanged;
+    then no step is frozen, :math:`\ell_{g,k} = L_k + \log G + s_{g,k}` at every :math:`k`,
+    the groups' lineages never mix, and the standard error covers the whole random error.
     """
     group_log_sums = jnp.asarray(group_log_sums)
     if group_log_sums.ndim != 2 or group_log_sums.shape[0] != jnp.shape(log_normalizer)[0]:
         raise ValueError("`group_log_sums` must have shape (num_iterations, num_groups) matching "
                          "`log_normalizer`")
+    g = group_log_sums.shape[1]
+    if resampled is None:
+        ell = jnp.asarray(log_normalizer)[:, None] + jnp.log(g) + group_log_sums
+        return ell, jnp.std(ell, axis=1, ddof=1) / jnp.sqrt(g)
     steps = jnp.diff(group_log_sums, axis=0)  # s_{g,j+1} - s_{g,j}, j = 0..K-2
     keep = ~jnp.asarray(resampled, bool)[:-1, None]
     drift = jnp.concatenate([jnp.zeros_like(group_log_sums[:1]),
                              jnp.cumsum(jnp.where(keep, steps, 0.0), axis=0)])
     ell = jnp.asarray(log_normalizer)[:, None] + drift
-    g = group_log_sums.shape[1]
     return ell, jnp.std(ell, axis=1, ddof=1) / jnp.sqrt(g)

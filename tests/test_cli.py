@@ -124,3 +124,17 @@ def test_compilation_cache_option_switches_on_the_persistent_cache(tmp_path, mon
     finally:
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
+def test_gmm_walkers_not_divisible_into_islands_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    """Island resampling (the default) needs the walkers split into 10 equal groups: an
+    error that names the settings and the way out, before any training, exit code 2;
+    --no-island-resampling accepts the same count."""
+    _no_training(monkeypatch)
+    rc = cli.main(["gmm", "--num-walkers", "999", "--output-dir", str(tmp_path), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "`num_walkers` (999)" in err and "--no-island-resampling" in err and "Traceback" not in err
+    with pytest.raises(AssertionError, match="training started"):
+        cli.main(["gmm", "--num-walkers", "999", "--no-island-resampling", "--output-dir", str(tmp_path),
+                  "--no-progress"])

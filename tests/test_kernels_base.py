@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from blackjax.smc import resampling
 
 from numpyro_ebm.kernels import base
@@ -88,3 +89,36 @@ def test_resample_if_degenerate(x64):
     assert not bool(resampled)
     np.testing.assert_array_equal(ancestors, np.arange(50))
     np.testing.assert_array_equal(kept.log_weights, state.log_weights)
+
+
+def test_resample_groups_if_degenerate_resamples_each_group_within_itself(x64):
+    """Island resampling of 12 walkers in 3 groups: only the group whose own ESS is below
+    the threshold is resampled, its ancestors stay inside it, its walkers share its total
+    weight equally; every group's total weight (its own log-normaliser estimate) is
+    unchanged, the weights stay normalised, the log normaliser is kept."""
+    state = _state(n=12)
+    log_w = jnp.array([20.0, 0, 0, 0, 0.1, 0, 0.2, 0, 1.0, 1.1, 0.9, 1.0])
+    state = state._replace(log_weights=log_w - jax.nn.logsumexp(log_w), log_normalizer=jnp.asarray(0.3))
+    totals = jax.nn.logsumexp(state.log_weights.reshape(3, 4), axis=1)
+    new, ess, resampled, ancestors = base.resample_if_degenerate(
+        jax.random.key(2), state, resampling.systematic, 0.5, num_groups=3)
+    assert bool(resampled)
+    np.testing.assert_allclose(ess, 1 / np.sum(np.exp(2 * np.asarray(state.log_weights))), rtol=1e-12)
+    assert set(np.asarray(ancestors[:4]).tolist()) <= {0, 1, 2, 3}
+    np.testing.assert_array_equal(ancestors[:4], 0)  # one walker holds ~all of group 0's weight
+    np.testing.assert_array_equal(ancestors[4:], np.arange(4, 12))
+    np.testing.assert_allclose(new.log_weights[:4], totals[0] - math.log(4), atol=1e-12)
+    np.testing.assert_array_equal(new.log_weights[4:], state.log_weights[4:])
+    np.testing.assert_allclose(jax.nn.logsumexp(new.log_weights.reshape(3, 4), axis=1), totals, atol=1e-12)
+    np.testing.assert_allclose(jax.nn.logsumexp(new.log_weights), 0.0, atol=1e-12)
+    assert float(new.log_normalizer) == 0.3
+    np.testing.assert_array_equal(new.particles, state.particles[ancestors])
+    np.testing.assert_array_equal(new.grad, state.grad[ancestors])
+    kept, _, resampled, ancestors = base.resample_if_degenerate(
+        jax.random.key(2), state, resampling.systematic, 0.2, num_groups=3)
+    assert not bool(resampled)
+    np.testing.assert_array_equal(ancestors, np.arange(12))
+    with pytest.raises(ValueError, match="resampling_groups"):
+        base.resample_if_degenerate(jax.random.key(2), state, resampling.systematic, 0.5, num_groups=5)
+    with pytest.raises(ValueError, match="resampling_groups"):
+        base.check_num_groups(1)

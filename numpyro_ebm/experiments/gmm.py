@@ -79,6 +79,7 @@ class GMMConfig:
     float64: bool = True
     feedback_correction: bool = True
     num_groups: int = 10
+    island_resampling: bool = True
     record_params: bool = False
 
     def __post_init__(self):
@@ -87,6 +88,10 @@ class GMMConfig:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
         if not 0.0 < self.small_mass < 0.5:
             raise ValueError(f"`small_mass` must lie in (0, 0.5), got {self.small_mass}")
+        if self.island_resampling and self.num_walkers % self.num_groups:
+            raise ValueError(f"`num_groups` ({self.num_groups}) must divide `num_walkers` ({self.num_walkers}) "
+                             "with `island_resampling` (or set island_resampling=False; CLI "
+                             "--no-island-resampling)")
         unknown = set(self.methods) - set(METHODS)
         if unknown or not self.methods:
             raise ValueError(f"`methods` must be a non-empty subset of {METHODS}, got {self.methods}")
@@ -239,7 +244,8 @@ def _run(config: GMMConfig, progress: bool, mesh=None, checkpoint_dir=None, chec
             data,
             optimizer=optimizer(config),
             kernel=kernels.for_method(method, config.step_size, ess_threshold=config.ess_threshold,
-                                      restart_every=config.cd_restart_every),
+                                      restart_every=config.cd_restart_every,
+                                      resampling_groups=config.num_groups if config.island_resampling else None),
             num_walkers=config.num_walkers,
             num_iterations=config.num_iterations,
             rng_key=fit_key,
@@ -293,21 +299,22 @@ def _method_entry(config: GMMConfig, data, log_z0: float, result: FitResult, wal
             np.max(np.abs(entry["cross_entropy"] - entry["exact_cross_entropy"]))
         )
         entry["num_resampling"] = int(np.sum(trace["resampled"]))
-        _add_group_stderr(entry, trace, result.state, config.num_groups)
+        _add_group_stderr(entry, trace, result.state, config.num_groups, config.island_resampling)
         if "feedback_bias" in extra:
             _add_feedback_correction(entry, np.asarray(extra["feedback_bias"]))
     return entry
 
 
-def _add_group_stderr(entry: dict[str, Any], trace: dict, state, num_groups: int) -> None:
+def _add_group_stderr(entry: dict[str, Any], trace: dict, state, num_groups: int, islands: bool) -> None:
     """The standard error of the estimate from independent walker groups
-    (:func:`numpyro_ebm.estimators.group_log_normalizers`), per iteration and at the end."""
+    (:func:`numpyro_ebm.estimators.group_log_normalizers`), per iteration and at the end;
+    ``islands``: the groups were resampled on their own (nothing frozen)."""
     extra = trace["extra"]
     final_sums = group_log_weight_sums(state, num_groups)[None]
     _, stderr = group_log_normalizers(
         np.append(trace["log_normalizer"], float(state.log_normalizer)),
         np.concatenate([extra["group_log_weights"], np.asarray(final_sums)]),
-        np.append(trace["resampled"], False),
+        None if islands else np.append(trace["resampled"], False),
     )
     entry["cross_entropy_stderr"] = np.asarray(stderr[:-1])
     entry["final_cross_entropy_stderr"] = float(stderr[-1])

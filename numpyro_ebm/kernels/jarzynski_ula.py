@@ -27,7 +27,8 @@ weighted for :math:`\theta_{k+1}`:
 4. When :math:`\mathrm{ESS}/N` < ``ess_threshold`` the walkers are resampled (default:
    systematic, :func:`numpyro_ebm.kernels.resampling.systematic`, BlackJAX's draws without
    its search; any BlackJAX resampling function fits), the weights reset to equal, the log
-   normaliser carried across.
+   normaliser carried across. With ``resampling_groups`` the walkers form islands resampled
+   on their own, so that their estimates stay independent replicates (an error bar).
 
 With ``num_mcmc_steps > 1`` the further moves run at :math:`\theta_{k+1}` (steps 1-2 at fixed
 parameters) before step 4. ``potential_fn(params, x)`` is the energy of ONE sample. A
@@ -48,6 +49,7 @@ from numpyro_ebm import _checks
 from numpyro_ebm.kernels.base import (
     ArrayTree,
     JarzynskiState,
+    check_num_groups,
     PotentialFn,
     WalkerKernel,
     dtype_name,
@@ -128,14 +130,18 @@ def scaled(weights: jax.Array, potential: jax.Array, factor: Callable | None) ->
     return jnp.where(weights > 0, weights * factor(jnp.where(weights > 0, potential, 0.0)), 0.0)
 
 
-def _walker_grad(potential_fn, params, state, record, pre, resampled, ancestors, factor=None):
+def _walker_grad(potential_fn, params, state, record, pre, resampled, ancestors, factor=None, grouped=False):
     """:math:`\\sum_i w_i \\nabla_\\theta U_{k+1}(X^i)` at the returned walkers from the fused
     evaluation: a second backward pass with cotangents :math:`c_i` (the new weights, or
-    ``count_i / N`` after resampling, ``count_i`` being the copies made of walker ``i``),
-    times ``factor(U_i)`` when given. ``pre``: ``(log_weights, potential)`` before resampling."""
+    ``count_i / N`` after resampling, ``count_i`` being the copies made of walker ``i``; with
+    ``grouped`` resampling the new weights summed over the copies of walker ``i``), times
+    ``factor(U_i)`` when given. ``pre``: ``(log_weights, potential)`` before resampling."""
     n = num_walkers(state)
     weights = jnp.exp(state.log_weights)
-    counts = jnp.zeros((n,), weights.dtype).at[ancestors].add(1.0) / n
+    if grouped:
+        counts = jnp.zeros((n,), weights.dtype).at[ancestors].add(weights)
+    else:
+        counts = jnp.zeros((n,), weights.dtype).at[ancestors].add(1.0) / n
     coefficients = jnp.where(resampled, counts, jnp.exp(pre[0]))
     return keep_or_recompute(
         record.param_vjp(scaled(coefficients, pre[1], factor)),
@@ -155,6 +161,7 @@ def build_kernel(
     noise_dtype: Any = None,
     param_grad: bool = False,
     param_grad_factor: Callable[[jax.Array], jax.Array] | None = None,
+    resampling_groups: int | None = None,
 ) -> Callable:
     """Build the Jarzynski-weighted ULA kernel.
 
@@ -194,6 +201,13 @@ def build_kernel(
         With ``param_grad``: ``factor(U) -> per-walker factor``; the walker term becomes
         :math:`\\sum_i w_i\\, \\mathrm{factor}(U_i) \\nabla_\\theta U(X^i)` (an energy penalty's
         walker part, :mod:`numpyro_ebm.training.penalties`), from the same passes.
+    resampling_groups
+        ``None`` (default): all walkers are resampled together. An integer :math:`G \\ge 2`
+        dividing the number of walkers: island resampling
+        (:func:`~numpyro_ebm.kernels.base.resample_groups_if_degenerate`), each of :math:`G`
+        contiguous groups on its own when its own ESS falls below the threshold, so that the
+        groups stay independent replicates and the spread of their log-normaliser estimates
+        is an honest error bar (:func:`numpyro_ebm.estimators.group_log_normalizers`).
 
     Returns
     -------
@@ -204,6 +218,7 @@ def build_kernel(
     num_mcmc_steps = check_kernel_args(
         step_size, resampling_fn, ess_threshold, num_mcmc_steps, batch_size, noise_dtype
     )
+    check_num_groups(resampling_groups)
     default_step_size = step_size
     fused = param_grad and batch_size is None
 
@@ -217,12 +232,13 @@ def build_kernel(
         )
         pre = (state.log_weights, state.potential)
         state, ess, resampled, ancestors = resample_if_degenerate(
-            resample_key, state, resampling_fn, ess_threshold
+            resample_key, state, resampling_fn, ess_threshold, resampling_groups
         )
         walker_grad = None
         if fused:
             walker_grad = _walker_grad(
-                potential_fn, params, state, record, pre, resampled, ancestors, param_grad_factor
+                potential_fn, params, state, record, pre, resampled, ancestors, param_grad_factor,
+                grouped=resampling_groups is not None,
             )
         elif param_grad:
             walker_grad = weighted_param_grad(
@@ -243,6 +259,7 @@ def as_top_level_api(
     num_mcmc_steps: int = 1,
     batch_size: int | None = None,
     noise_dtype: Any = None,
+    resampling_groups: int | None = None,
 ) -> SamplingAlgorithm:
     """Jarzynski-weighted ULA as a ``blackjax.SamplingAlgorithm``.
 
@@ -250,10 +267,12 @@ def as_top_level_api(
     ``params``; ``step(rng_key, state, params=None)`` runs one kernel call. Called with
     ``params=None`` at every step it samples the fixed EBM :math:`\\rho_\\theta`, and the
     weighted walkers are free of ULA's discretisation bias. Works with
-    ``blackjax.util.run_inference_algorithm``.
+    ``blackjax.util.run_inference_algorithm``. ``resampling_groups``: island resampling, as in
+    :func:`build_kernel`.
     """
     kernel = build_kernel(
-        potential_fn, step_size, resampling_fn, ess_threshold, num_mcmc_steps, batch_size, noise_dtype
+        potential_fn, step_size, resampling_fn, ess_threshold, num_mcmc_steps, batch_size, noise_dtype,
+        resampling_groups=resampling_groups,
     )
     return sampling_algorithm(kernel, init, params, potential_fn, batch_size)
 
@@ -266,12 +285,14 @@ def walker_kernel(
     num_mcmc_steps: int = 1,
     walker_batch_size: int | None = None,
     noise_dtype: Any = None,
+    resampling_groups: int | None = None,
 ) -> WalkerKernel:
     """Jarzynski-weighted walkers for the trainer
     (:func:`numpyro_ebm.training.build_trainer`): the method of the paper. Arguments as in
     :func:`build_kernel` (``walker_batch_size`` is its ``batch_size``)."""
     check_kernel_args(step_size, resampling_fn, ess_threshold, num_mcmc_steps, walker_batch_size, noise_dtype,
                       "walker_batch_size")
+    check_num_groups(resampling_groups)
 
     def init_fn(potential_fn, particles, params):
         return init(particles, params, potential_fn, walker_batch_size)
@@ -280,11 +301,12 @@ def walker_kernel(
         kernel = build_kernel(
             potential_fn, default_step_size, resampling_fn, ess_threshold, num_mcmc_steps,
             walker_batch_size, noise_dtype, param_grad=True, param_grad_factor=param_grad_factor,
+            resampling_groups=resampling_groups,
         )
         return kernel(rng_key, state, params, step_size)
 
     default_step_size = step_size
     config = dict(step_size=step_size, resampling_fn=getattr(resampling_fn, "__name__", str(resampling_fn)),
                   ess_threshold=ess_threshold, num_mcmc_steps=num_mcmc_steps, walker_batch_size=walker_batch_size,
-                  noise_dtype=dtype_name(noise_dtype))
+                  noise_dtype=dtype_name(noise_dtype), resampling_groups=resampling_groups)
     return WalkerKernel(init_fn, step_fn, None, True, step_size, "jarzynski", config)
