@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 
-def one(num_walkers, seed, lr_scale, ess, iterations, dim, islands=True):
+def one(num_walkers, seed, lr_scale, ess, iterations, dim, islands=True, heldout=0):
     from numpyro_ebm.experiments import gmm
 
     base = gmm.GMMConfig()
@@ -37,7 +37,7 @@ def one(num_walkers, seed, lr_scale, ess, iterations, dim, islands=True):
         dim=dim, num_walkers=num_walkers, seed=seed, methods=("jarzynski",), ess_threshold=ess,
         learning_rate=base.learning_rate * lr_scale,
         logit_learning_rate=base.logit_learning_rate * lr_scale,
-        num_iterations=int(round(iterations / lr_scale)), island_resampling=islands,
+        num_iterations=int(round(iterations / lr_scale)), island_resampling=islands, heldout_groups=heldout,
     )
     t0 = time.perf_counter()
     r = gmm.run(config)["jarzynski"]
@@ -54,7 +54,11 @@ def one(num_walkers, seed, lr_scale, ess, iterations, dim, islands=True):
         "mean_normalized_ess": float(np.mean(r["result"].trace["normalized_ess"])),
         "error_trace": err[::every].tolist(), "corrected_error_trace": err_c[::every].tolist(),
         "stderr_trace": r["cross_entropy_stderr"][::every].tolist(),
-        "trace_every": every, "wall_s": time.perf_counter() - t0,
+        "trace_every": every, "wall_s": time.perf_counter() - t0, "heldout_groups": heldout,
+        **({"final_heldout_error": r["ce_heldout_error"],
+            "final_heldout_stderr": r["final_cross_entropy_heldout_stderr"],
+            "heldout_error_trace": (r["cross_entropy_heldout"] - r["exact_cross_entropy"])[::every].tolist(),
+            "heldout_stderr_trace": r["cross_entropy_heldout_stderr"][::every].tolist()} if heldout else {}),
     }
 
 
@@ -139,6 +143,14 @@ def summary(runs):
         lines.append(f"{n:>7} {s:>5} {e:>5} {len(sel):>5} {ms('final_error'):>16} "
                      f"{ms('final_corrected_error'):>16} {corr:>10.4f} {se:>8.4f} {sd:>9.4f} "
                      f"{np.mean(np.abs(z) < 2):>6.2f}")
+        held = [r for r in sel if "final_heldout_error" in r]
+        if held:
+            v = np.array([r["final_heldout_error"] for r in held])
+            hs = np.array([r["final_heldout_stderr"] for r in held])
+            lines.append(f"{'':>7} held-out estimate ({held[0]['heldout_groups']} groups): error {v.mean():+.4f} ± "
+                         f"{v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float('nan'):.4f}, sd "
+                         f"{v.std(ddof=1) if len(v) > 1 else float('nan'):.4f}, rms s.e. {np.sqrt(np.mean(hs**2)):.4f}, "
+                         f"|z|<2 {np.mean(np.abs(v / hs) < 2):.2f}")
     return "\n".join(lines)
 
 
@@ -151,6 +163,9 @@ def main():
     p.add_argument("--iterations", type=int, default=2000)
     p.add_argument("--dim", type=int, default=50)
     p.add_argument("--json", default=None)
+    p.add_argument("--heldout-groups", type=int, default=0,
+                   help="islands left out of the gradient (GMMConfig(heldout_groups=...)); adds the "
+                   "held-out estimate")
     p.add_argument("--no-islands", action="store_true",
                    help="resample all walkers together (GMMConfig(island_resampling=False))")
     p.add_argument("--out", default=None, help="directory for gmm_ce_bias.json")
@@ -167,11 +182,13 @@ def main():
         for s in map(float, a.lr_scales.split(",")):
             for e in map(float, a.ess.split(",")):
                 for seed in map(int, a.seeds.split(",")):
-                    r = one(n, seed, s, e, a.iterations, a.dim, not a.no_islands)
+                    r = one(n, seed, s, e, a.iterations, a.dim, not a.no_islands, a.heldout_groups)
                     runs.append(r)
                     print(f"N={n} lr x{s} ess={e} seed={seed}: error {r['final_error']:+.4f}, "
                           f"corrected {r['final_corrected_error']:+.4f} ± {r['final_stderr']:.4f}, resamplings "
-                          f"{r['num_resampling']}, {r['wall_s']:.0f} s", flush=True)
+                          f"{r['num_resampling']}, {r['wall_s']:.0f} s"
+                          + (f"; held out {r['final_heldout_error']:+.4f} ± {r['final_heldout_stderr']:.4f}"
+                             if a.heldout_groups else ""), flush=True)
                     if path:
                         with open(path, "w") as fh:
                             json.dump(runs, fh)

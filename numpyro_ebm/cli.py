@@ -106,6 +106,11 @@ def _add_gmm(sub: argparse._SubParsersAction) -> None:
         help="resample all walkers together (default: 10 groups resampled on their own, which "
         "makes the cross-entropy standard error honest; needs walkers divisible by 10)",
     )
+    p.add_argument(
+        "--heldout-groups", type=int, default=0,
+        help="of the 10 island groups, this many (2-9) are left out of the gradient and give a "
+        "cross-entropy estimate without feedback bias (default 0)",
+    )
     _add_run_output_options(p)
     _add_process_options(p)
 
@@ -187,7 +192,7 @@ def _gmm_config(gmm, args: argparse.Namespace):
         num_iterations=args.num_iterations, step_size=args.step_size,
         learning_rate=args.learning_rate, logit_learning_rate=args.logit_learning_rate,
         methods=args.methods, seed=args.seed, float64=not args.float32,
-        island_resampling=not args.no_island_resampling,
+        island_resampling=not args.no_island_resampling, heldout_groups=args.heldout_groups,
     )
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "feedback_bias_step",
     "group_log_normalizers",
     "group_log_weight_sums",
+    "heldout_log_normalizer",
     "mean_energy",
 ]
 
@@ -223,3 +224,31 @@ def group_log_normalizers(log_normalizer: jax.Array, group_log_sums: jax.Array,
                              jnp.cumsum(jnp.where(keep, steps, 0.0), axis=0)])
     ell = jnp.asarray(log_normalizer)[:, None] + drift
     return ell, jnp.std(ell, axis=1, ddof=1) / jnp.sqrt(g)
+
+
+def heldout_log_normalizer(log_normalizer: jax.Array, group_log_sums: jax.Array,
+                           heldout_groups: int) -> tuple[jax.Array, jax.Array]:
+    r"""The Jarzynski estimate of :math:`\log Z_{\theta_k}/Z_{\theta_0}` from the held-out
+    islands alone, and its standard error, along a run made with
+    ``resampling_groups=G, heldout_groups=H`` (:func:`numpyro_ebm.kernels.base.gradient_weights`).
+
+    The parameters never depend on the held-out walkers' noise, so for them Jarzynski's
+    equality holds given the parameter path: :math:`E[\hat Z_{\text{held}}] = Z_{\theta_k}/
+    Z_{\theta_0}` with no feedback bias (:func:`feedback_bias_step`); only the log of the
+    mean is biased, by about :math:`-\tfrac12\mathrm{Var}(\hat Z)/Z^2`. With
+    :math:`\ell_{g,k} = L_k + \log G + s_{g,k}` the groups' own estimates
+    (:func:`group_log_normalizers` with ``resampled=None``), the estimate is
+    :math:`\log \tfrac1H \sum_{g\,\text{held out}} e^{\ell_{g,k}}` and its standard error
+    :math:`\mathrm{sd}_g(\ell_{g,k}) / \sqrt H` over the held-out groups (the delta method,
+    as in :func:`group_log_normalizers`) (the last ``heldout_groups`` columns of ``group_log_sums``,
+    :func:`group_log_weight_sums`, shape ``(K, G)``). Returns two arrays of shape ``(K,)``."""
+    group_log_sums = jnp.asarray(group_log_sums)
+    if isinstance(heldout_groups, bool) or not isinstance(heldout_groups, int) or not (
+            2 <= heldout_groups <= group_log_sums.shape[-1]):
+        raise ValueError("`heldout_groups` must be an integer between 2 (a standard error needs two) "
+                         f"and the number of groups {group_log_sums.shape[-1]}, got {heldout_groups!r}")
+    ell, _ = group_log_normalizers(log_normalizer, group_log_sums, None)
+    held = ell[:, -heldout_groups:]
+    estimate = logsumexp(held, axis=1) - jnp.log(heldout_groups)
+    return estimate, jnp.std(held, axis=1, ddof=1) / jnp.sqrt(heldout_groups)
+

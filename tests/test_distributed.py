@@ -33,7 +33,7 @@ WORKER = str(ROOT / "tests" / "distributed_worker.py")
 LAUNCH_TIMEOUT = 240  # seconds for one launch (all its processes): generous for a loaded CI box
 GMM = ["--dim", "2", "--num-data", "64", "--num-walkers", "64", "--num-iterations", "16",
        "--learning-rate", "0.2", "--logit-learning-rate", "0.2", "--methods", "jarzynski",
-       "--no-progress", "--save-state"]  # resamples 4 times in 16 iterations
+       "--no-progress", "--save-state", "--no-island-resampling"]  # resamples 4 times in 16 iterations
 TOLERANCE = 1e-9
 
 

@@ -393,15 +393,20 @@ def _param_grad_kernel(name, u, ess_threshold):
     if name == "jarzynski_islands":
         return ju.build_kernel(u, 0.3, resampling.systematic, ess_threshold, 2, param_grad=True,
                                resampling_groups=3)
+    if name == "jarzynski_heldout":
+        return ju.build_kernel(u, 0.3, resampling.systematic, ess_threshold, 2, param_grad=True,
+                               resampling_groups=3, heldout_groups=1)
     return ula.build_kernel(u, 0.3, num_mcmc_steps=2, param_grad=True)
 
 
 @pytest.mark.parametrize("name, ess_threshold", [("jarzynski", 1e-9), ("jarzynski", 1.0),
-                                                 ("jarzynski_islands", 1.0), ("pcd", 1.0)])
+                                                 ("jarzynski_islands", 1.0), ("jarzynski_heldout", 1e-9),
+                                                 ("jarzynski_heldout", 1.0), ("pcd", 1.0)])
 def test_fused_walker_gradient_is_the_weighted_gradient_at_the_new_state(x64, name, ess_threshold):
     """With param_grad=True the kernel returns exactly (state, info) and info.param_grad is
     sum_i w_i grad_theta U(X^i) at the state it returns: with and without resampling
-    (ess_threshold 1.0 forces it; also island resampling, whose new weights are not equal),
+    (ess_threshold 1.0 forces it; also island resampling, whose new weights are not equal, and
+    islands held out of the gradient),
     for weighted and equal (PCD, kernels.ula) weights, and
     with walkers whose new evaluation is not finite (NaN for x0 > 2), where the fused pass
     cannot be used and the gradient is recomputed. Without param_grad it is None."""
@@ -423,8 +428,11 @@ def test_fused_walker_gradient_is_the_weighted_gradient_at_the_new_state(x64, na
         assert bool(info.resampled) == (name != "pcd" and ess_threshold == 1.0)
         if name == "jarzynski_islands":  # each group keeps its share of the weight
             assert np.ptp(np.asarray(state.log_weights)) > 1e-3
+        weights = jnp.exp(state.log_weights)
+        if name == "jarzynski_heldout":  # the last of 3 groups left out, the rest renormalised
+            weights = weights.at[200:].set(0.0) / jnp.sum(weights[:200])
         want = jax.jit(weighted_param_grad, static_argnums=0)(
-            u, p2, state.particles, jnp.exp(state.log_weights))
+            u, p2, state.particles, weights)
         for a, b in zip(jax.tree.leaves(info.param_grad), jax.tree.leaves(want), strict=True):
             assert np.all(np.isfinite(a))
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)

@@ -37,7 +37,9 @@ SCRIPT = textwrap.dedent(
     mesh = Mesh(np.array(jax.devices()), ("walkers",))
     out = {"num_devices": len(jax.devices())}
     kernels = {"jarzynski": jarzynski_ula.walker_kernel(0.3, ess_threshold=0.9),
-               "pcd": ula.walker_kernel(0.3)}
+               "pcd": ula.walker_kernel(0.3),
+               "islands": jarzynski_ula.walker_kernel(0.3, ess_threshold=0.9, resampling_groups=8,
+                                                      heldout_groups=2)}
     for method, kernel in kernels.items():
         runs = [
             fit(u, params, data, optimizer=optax.sgd(0.05), kernel=kernel, num_walkers=64,
@@ -54,7 +56,7 @@ SCRIPT = textwrap.dedent(
             "walker_shard_rows": sharded.state.particles.addressable_shards[0].data.shape[0],
             "resampled": int(np.sum(single.trace.get("resampled", 0))),
             "resampled_sharded": int(np.sum(sharded.trace.get("resampled", 0))),
-            "method": sharded.method,
+            "method": sharded.method if method != "islands" else "islands",
         }
     print(json.dumps(out))
     """
@@ -64,7 +66,8 @@ SCRIPT = textwrap.dedent(
 def test_sharded_walkers_reproduce_the_single_device_run():
     """Four CPU devices, walkers split four ways: same key, same parameters, walkers,
     weights and log normaliser as on one device (float64, up to reduction order), with
-    resampling (global ancestors) happening; the walkers really are split."""
+    resampling (global ancestors) happening; the walkers really are split. The same for
+    island resampling with held-out islands (8 groups of 8, two per device)."""
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
@@ -72,13 +75,15 @@ def test_sharded_walkers_reproduce_the_single_device_run():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["num_devices"] == 4
-    for method in ("jarzynski", "pcd"):
+    for method in ("jarzynski", "pcd", "islands"):
         res = out[method]
         assert res["walker_devices"] == 4 and res["walker_shard_rows"] == 16, res
         assert res["max_abs_diff"] < 1e-9, res
         assert res["method"] == method
     assert out["jarzynski"]["resampled"] >= 2
     assert out["jarzynski"]["resampled_sharded"] == out["jarzynski"]["resampled"]
+    assert out["islands"]["resampled"] >= 2
+    assert out["islands"]["resampled_sharded"] == out["islands"]["resampled"]
 
 
 def test_mesh_must_divide_the_walkers():

@@ -38,6 +38,7 @@ from numpyro_ebm.estimators import (
     feedback_bias_step,
     group_log_normalizers,
     group_log_weight_sums,
+    heldout_log_normalizer,
 )
 from numpyro_ebm.training.callbacks import Checkpoint, ParetoKhat, Snapshots
 from numpyro_ebm.training.fit import METHODS, FitResult, fit
@@ -80,6 +81,7 @@ class GMMConfig:
     feedback_correction: bool = True
     num_groups: int = 10
     island_resampling: bool = True
+    heldout_groups: int = 0
     record_params: bool = False
 
     def __post_init__(self):
@@ -92,6 +94,9 @@ class GMMConfig:
             raise ValueError(f"`num_groups` ({self.num_groups}) must divide `num_walkers` ({self.num_walkers}) "
                              "with `island_resampling` (or set island_resampling=False; CLI "
                              "--no-island-resampling)")
+        if self.heldout_groups and not (self.island_resampling and 2 <= self.heldout_groups < self.num_groups):
+            raise ValueError(f"`heldout_groups` ({self.heldout_groups}) needs island_resampling and must lie in "
+                             f"[2, num_groups = {self.num_groups})")
         unknown = set(self.methods) - set(METHODS)
         if unknown or not self.methods:
             raise ValueError(f"`methods` must be a non-empty subset of {METHODS}, got {self.methods}")
@@ -245,7 +250,8 @@ def _run(config: GMMConfig, progress: bool, mesh=None, checkpoint_dir=None, chec
             optimizer=optimizer(config),
             kernel=kernels.for_method(method, config.step_size, ess_threshold=config.ess_threshold,
                                       restart_every=config.cd_restart_every,
-                                      resampling_groups=config.num_groups if config.island_resampling else None),
+                                      resampling_groups=config.num_groups if config.island_resampling else None,
+                                      heldout_groups=config.heldout_groups),
             num_walkers=config.num_walkers,
             num_iterations=config.num_iterations,
             rng_key=fit_key,
@@ -302,6 +308,8 @@ def _method_entry(config: GMMConfig, data, log_z0: float, result: FitResult, wal
         _add_group_stderr(entry, trace, result.state, config.num_groups, config.island_resampling)
         if "feedback_bias" in extra:
             _add_feedback_correction(entry, np.asarray(extra["feedback_bias"]))
+        if config.heldout_groups:
+            _add_heldout_estimate(entry, trace, result.state, config)
     return entry
 
 
@@ -318,6 +326,20 @@ def _add_group_stderr(entry: dict[str, Any], trace: dict, state, num_groups: int
     )
     entry["cross_entropy_stderr"] = np.asarray(stderr[:-1])
     entry["final_cross_entropy_stderr"] = float(stderr[-1])
+
+
+def _add_heldout_estimate(entry: dict[str, Any], trace: dict, state, config: GMMConfig) -> None:
+    """The cross-entropy estimate from the held-out islands alone (no feedback bias;
+    :func:`numpyro_ebm.estimators.heldout_log_normalizer`), per iteration and at the end."""
+    log_normalizer = np.append(trace["log_normalizer"], float(state.log_normalizer))
+    sums = np.concatenate([trace["extra"]["group_log_weights"],
+                           np.asarray(group_log_weight_sums(state, config.num_groups))[None]])
+    held, stderr = map(np.asarray, heldout_log_normalizer(log_normalizer, sums, config.heldout_groups))
+    entry["cross_entropy_heldout"] = entry["cross_entropy"] + held[:-1] - log_normalizer[:-1]
+    entry["cross_entropy_heldout_stderr"] = stderr[:-1]
+    entry["final_cross_entropy_heldout"] = entry["final_cross_entropy_estimate"] + held[-1] - log_normalizer[-1]
+    entry["final_cross_entropy_heldout_stderr"] = float(stderr[-1])
+    entry["ce_heldout_error"] = entry["final_cross_entropy_heldout"] - entry["final_exact_cross_entropy"]
 
 
 def _add_feedback_correction(entry: dict[str, Any], per_step: np.ndarray) -> None:
@@ -358,6 +380,9 @@ def format_table(results: dict[str, Any]) -> str:
             + (f", with the feedback correction {corrected:+.4f}" if corrected is not None else "")
             + f"; standard error (walker groups) {r['final_cross_entropy_stderr']:.4f}"
         )
+    if "ce_heldout_error" in r:
+        lines.append(f"jarzynski CE estimate from the {config.heldout_groups} held-out groups: error "
+                     f"{r['ce_heldout_error']:+.4f} ± {r['final_cross_entropy_heldout_stderr']:.4f}")
     return "\n".join(lines)
 
 

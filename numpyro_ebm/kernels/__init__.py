@@ -65,12 +65,14 @@ def for_method(
     walker_batch_size: int | None = None,
     noise_dtype=None,
     resampling_groups: int | None = None,
+    heldout_groups: int = 0,
 ) -> WalkerKernel:
     """The kernel object of a method named by a string, with the settings that apply to it
     (the experiments' and the command line's way of choosing one): ``"jarzynski"``
     (``schedule="adaptive"`` for ESS-controlled sub-steps), ``"pcd"`` or ``"cd"``; the
     settings that do not apply to the method are ignored (``resampling_groups``: island
-    resampling of the fixed-schedule Jarzynski kernel, :func:`jarzynski_ula.build_kernel`)."""
+    resampling of the fixed-schedule Jarzynski kernel, ``heldout_groups``: islands left out of
+    its parameter gradient, :func:`jarzynski_ula.build_kernel`)."""
     shared = dict(num_mcmc_steps=num_mcmc_steps, walker_batch_size=walker_batch_size, noise_dtype=noise_dtype)
     if method == "jarzynski":
         if schedule not in ("fixed", "adaptive"):
@@ -80,7 +82,8 @@ def for_method(
                 step_size, target_ess=target_ess, max_substeps=max_substeps,
                 ess_threshold=ess_threshold, **shared)
         return jarzynski_ula.walker_kernel(step_size, ess_threshold=ess_threshold,
-                                           resampling_groups=resampling_groups, **shared)
+                                           resampling_groups=resampling_groups, heldout_groups=heldout_groups,
+                                           **shared)
     if method == "pcd":
         return ula.walker_kernel(step_size, **shared)
     if method == "cd":

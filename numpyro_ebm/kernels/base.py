@@ -42,6 +42,7 @@ __all__ = [
     "apply_move",
     "resample_if_degenerate",
     "resample_groups_if_degenerate",
+    "gradient_weights",
 ]
 
 ArrayTree = Any
@@ -382,6 +383,32 @@ def check_num_groups(num_groups: int | None, num_walkers_: int | None = None) ->
     if num_walkers_ is not None and num_walkers_ % num_groups:
         raise ValueError(f"`resampling_groups` ({num_groups}) must divide the number of walkers "
                          f"({num_walkers_})")
+
+
+def check_heldout_groups(heldout_groups: int, num_groups: int | None) -> int:
+    """``heldout_groups`` is an integer in ``[0, num_groups)``, and 0 without groups."""
+    if isinstance(heldout_groups, bool) or not isinstance(heldout_groups, int) or heldout_groups < 0:
+        raise ValueError(f"`heldout_groups` must be a non-negative integer, got {heldout_groups!r}")
+    if heldout_groups and (num_groups is None or heldout_groups >= num_groups):
+        raise ValueError(f"`heldout_groups` ({heldout_groups}) needs `resampling_groups` greater than it, "
+                         f"got {num_groups}")
+    return heldout_groups
+
+
+def gradient_weights(log_weights: jax.Array, num_groups: int | None = None, heldout_groups: int = 0) -> jax.Array:
+    r"""The normalised weights with which the walkers enter the parameter gradient: all of
+    :math:`w = \mathrm{softmax}(A)`, or with ``heldout_groups`` :math:`H` (of ``num_groups``
+    :math:`G` contiguous islands) those of the first :math:`G - H` groups, renormalised. The
+    held-out groups move and are weighted like the others but never steer :math:`\theta`, so
+    their Jarzynski estimate of :math:`\log Z` carries no feedback bias
+    (:func:`numpyro_ebm.estimators.heldout_log_normalizer`)."""
+    weights = jnp.exp(log_weights)
+    if not heldout_groups:
+        return weights
+    n = weights.shape[0]
+    keep = jnp.arange(n) < (n // num_groups) * (num_groups - heldout_groups)
+    weights = jnp.where(keep, weights, 0.0)
+    return weights / jnp.sum(weights)
 
 
 def resample_groups_if_degenerate(

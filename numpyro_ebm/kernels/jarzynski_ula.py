@@ -49,7 +49,9 @@ from numpyro_ebm import _checks
 from numpyro_ebm.kernels.base import (
     ArrayTree,
     JarzynskiState,
+    check_heldout_groups,
     check_num_groups,
+    gradient_weights,
     PotentialFn,
     WalkerKernel,
     dtype_name,
@@ -130,19 +132,21 @@ def scaled(weights: jax.Array, potential: jax.Array, factor: Callable | None) ->
     return jnp.where(weights > 0, weights * factor(jnp.where(weights > 0, potential, 0.0)), 0.0)
 
 
-def _walker_grad(potential_fn, params, state, record, pre, resampled, ancestors, factor=None, grouped=False):
+def _walker_grad(potential_fn, params, state, record, pre, resampled, ancestors, factor=None, groups=None,
+                 heldout=0):
     """:math:`\\sum_i w_i \\nabla_\\theta U_{k+1}(X^i)` at the returned walkers from the fused
     evaluation: a second backward pass with cotangents :math:`c_i` (the new weights, or
     ``count_i / N`` after resampling, ``count_i`` being the copies made of walker ``i``; with
-    ``grouped`` resampling the new weights summed over the copies of walker ``i``), times
-    ``factor(U_i)`` when given. ``pre``: ``(log_weights, potential)`` before resampling."""
+    island resampling (``groups``) the new gradient weights summed over the copies of walker
+    ``i``), times ``factor(U_i)`` when given. ``pre``: ``(log_weights, potential)`` before
+    resampling."""
     n = num_walkers(state)
-    weights = jnp.exp(state.log_weights)
-    if grouped:
-        counts = jnp.zeros((n,), weights.dtype).at[ancestors].add(weights)
+    weights = gradient_weights(state.log_weights, groups, heldout)
+    if groups is not None:  # ancestors are arange(N) when nothing was resampled
+        coefficients = jnp.zeros((n,), weights.dtype).at[ancestors].add(weights)
     else:
         counts = jnp.zeros((n,), weights.dtype).at[ancestors].add(1.0) / n
-    coefficients = jnp.where(resampled, counts, jnp.exp(pre[0]))
+        coefficients = jnp.where(resampled, counts, jnp.exp(pre[0]))
     return keep_or_recompute(
         record.param_vjp(scaled(coefficients, pre[1], factor)),
         ~jnp.any(record.last_nonfinite),
@@ -162,6 +166,7 @@ def build_kernel(
     param_grad: bool = False,
     param_grad_factor: Callable[[jax.Array], jax.Array] | None = None,
     resampling_groups: int | None = None,
+    heldout_groups: int = 0,
 ) -> Callable:
     """Build the Jarzynski-weighted ULA kernel.
 
@@ -208,6 +213,13 @@ def build_kernel(
         contiguous groups on its own when its own ESS falls below the threshold, so that the
         groups stay independent replicates and the spread of their log-normaliser estimates
         is an honest error bar (:func:`numpyro_ebm.estimators.group_log_normalizers`).
+    heldout_groups
+        With ``resampling_groups`` :math:`G`: the last :math:`H` islands are left out of
+        ``info.param_grad`` (:func:`~numpyro_ebm.kernels.base.gradient_weights`; the others'
+        weights renormalised). They move and are weighted like the rest, and since
+        :math:`\\theta` never depends on their noise, their log-normaliser estimate has no
+        feedback bias (:func:`numpyro_ebm.estimators.heldout_log_normalizer`), at the price of
+        a gradient from :math:`(G - H)/G` of the walkers. Default 0.
 
     Returns
     -------
@@ -219,6 +231,7 @@ def build_kernel(
         step_size, resampling_fn, ess_threshold, num_mcmc_steps, batch_size, noise_dtype
     )
     check_num_groups(resampling_groups)
+    check_heldout_groups(heldout_groups, resampling_groups)
     default_step_size = step_size
     fused = param_grad and batch_size is None
 
@@ -238,12 +251,13 @@ def build_kernel(
         if fused:
             walker_grad = _walker_grad(
                 potential_fn, params, state, record, pre, resampled, ancestors, param_grad_factor,
-                grouped=resampling_groups is not None,
+                resampling_groups, heldout_groups,
             )
         elif param_grad:
             walker_grad = weighted_param_grad(
                 potential_fn, params, state.particles,
-                scaled(jnp.exp(state.log_weights), state.potential, param_grad_factor), batch_size,
+                scaled(gradient_weights(state.log_weights, resampling_groups, heldout_groups), state.potential,
+                       param_grad_factor), batch_size,
             )
         return state, moves_info(record, ess, resampled, ancestors, walker_grad)
 
@@ -286,6 +300,7 @@ def walker_kernel(
     walker_batch_size: int | None = None,
     noise_dtype: Any = None,
     resampling_groups: int | None = None,
+    heldout_groups: int = 0,
 ) -> WalkerKernel:
     """Jarzynski-weighted walkers for the trainer
     (:func:`numpyro_ebm.training.build_trainer`): the method of the paper. Arguments as in
@@ -293,6 +308,7 @@ def walker_kernel(
     check_kernel_args(step_size, resampling_fn, ess_threshold, num_mcmc_steps, walker_batch_size, noise_dtype,
                       "walker_batch_size")
     check_num_groups(resampling_groups)
+    check_heldout_groups(heldout_groups, resampling_groups)
 
     def init_fn(potential_fn, particles, params):
         return init(particles, params, potential_fn, walker_batch_size)
@@ -301,12 +317,13 @@ def walker_kernel(
         kernel = build_kernel(
             potential_fn, default_step_size, resampling_fn, ess_threshold, num_mcmc_steps,
             walker_batch_size, noise_dtype, param_grad=True, param_grad_factor=param_grad_factor,
-            resampling_groups=resampling_groups,
+            resampling_groups=resampling_groups, heldout_groups=heldout_groups,
         )
         return kernel(rng_key, state, params, step_size)
 
     default_step_size = step_size
     config = dict(step_size=step_size, resampling_fn=getattr(resampling_fn, "__name__", str(resampling_fn)),
                   ess_threshold=ess_threshold, num_mcmc_steps=num_mcmc_steps, walker_batch_size=walker_batch_size,
-                  noise_dtype=dtype_name(noise_dtype), resampling_groups=resampling_groups)
+                  noise_dtype=dtype_name(noise_dtype), resampling_groups=resampling_groups,
+                  heldout_groups=heldout_groups)
     return WalkerKernel(init_fn, step_fn, None, True, step_size, "jarzynski", config)

@@ -31,7 +31,7 @@ from jax.scipy.special import logsumexp
 
 from numpyro_ebm import _checks
 from numpyro_ebm.estimators import ce_value_and_grad
-from numpyro_ebm.kernels.base import JarzynskiState, PotentialFn, WalkerKernel
+from numpyro_ebm.kernels.base import JarzynskiState, PotentialFn, WalkerKernel, gradient_weights
 from numpyro_ebm.kernels.evaluation import weighted_param_grad
 from numpyro_ebm.kernels.jarzynski_ula import scaled
 from numpyro_ebm.step_size import StepSizeAdaptation, StepSizeState, acceptance_proxy
@@ -211,7 +211,7 @@ def build_trainer(
             data_energy, penalty, grads = penalised_value_and_grad(
                 energy_penalty, potential_fn, params, batch, state.walker_grad)
             penalty = penalty + energy_penalty.walker_value(walkers.potential,
-                                                            jnp.exp(walkers.log_weights))
+                                                            _gradient_weights(kernel, walkers))
         log_normalizer = cross_entropy = None
         if kernel.weighted:
             log_normalizer = walkers.log_normalizer
@@ -265,9 +265,16 @@ def _follow_lineages(state: TrainState, ancestors: jax.Array, resampled: jax.Arr
     return jax.lax.cond(resampled, follow, lambda _: (lineage, count), None)
 
 
+def _gradient_weights(kernel, walkers):
+    """The walkers' weights in the parameter gradient (held-out islands left out,
+    :func:`numpyro_ebm.kernels.base.gradient_weights`)."""
+    return gradient_weights(walkers.log_weights, kernel.config.get("resampling_groups"),
+                            kernel.config.get("heldout_groups", 0))
+
+
 def _initial_walker_grad(potential_fn, kernel, params, walkers, factor=None):
     batch_size = kernel.config.get("walker_batch_size")
-    coefficients = scaled(jnp.exp(walkers.log_weights), walkers.potential, factor)
+    coefficients = scaled(_gradient_weights(kernel, walkers), walkers.potential, factor)
     return jax.jit(weighted_param_grad, static_argnums=(0, 4))(
         potential_fn, params, walkers.particles, coefficients, batch_size
     )
