@@ -31,6 +31,12 @@ def jobs(mnist_dir: str, smoke: bool) -> list[tuple[str, dict]]:
     mnist = {"source": "mnist", "data_dir": mnist_dir}
     listed = [
         ("mnist_seed0", {"kind": "run", **mnist, "seed": 0}),
+        # the defaults left the MNIST model unconverged (PCD as far off as Jarzynski, CE still
+        # falling): a larger decayed rate, whose parameter part of the weight variance grows as
+        # lr^2 from the 0.03 nats^2 measured at lr 0.005 (docs/digits.md)
+        ("mnist_lr0.01_seed0", {"kind": "run", **mnist, "seed": 0, "learning_rate": 0.01}),
+        ("mnist_lr0.01_seed1", {"kind": "run", **mnist, "seed": 1, "learning_rate": 0.01}),
+        ("mnist_authors_seed0", {"kind": "run", **mnist, "seed": 0, "preset": "authors"}),
         ("mnist_seed1", {"kind": "run", **mnist, "seed": 1}),
         ("digits_seed0", {"kind": "run", "source": "digits", "seed": 0, "num_iterations": 20000}),
         ("mnist_classes_058_seed0", {"kind": "run", **mnist, "seed": 0, "classes": [0, 5, 8]}),
@@ -55,8 +61,9 @@ def config_of(spec: dict):
 
     base = digits.mnist_defaults(spec["data_dir"]) if spec["source"] == "mnist" else digits.DigitsConfig()
     changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items()
-               if k not in ("kind", "source", "data_dir")}
-    return dataclasses.replace(base, **changes)
+               if k not in ("kind", "source", "data_dir", "preset")}
+    config = dataclasses.replace(base, **changes)
+    return digits.authors_preset(config) if spec.get("preset") == "authors" else config
 
 
 def run_job(name: str, spec: dict, out: str, smoke: bool) -> None:
