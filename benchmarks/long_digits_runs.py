@@ -62,8 +62,9 @@ def config_of(spec: dict):
     base = digits.mnist_defaults(spec["data_dir"]) if spec["source"] == "mnist" else digits.DigitsConfig()
     changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items()
                if k not in ("kind", "source", "data_dir", "preset")}
-    config = dataclasses.replace(base, **changes)
-    return digits.authors_preset(config) if spec.get("preset") == "authors" else config
+    if spec.get("preset") == "authors":  # the preset first, so that the job's settings win
+        base = digits.authors_preset(base)
+    return dataclasses.replace(base, **changes)
 
 
 def run_job(name: str, spec: dict, out: str, smoke: bool) -> None:
