@@ -62,3 +62,26 @@ def test_config_rejects_bad_values():
         gmm.GMMConfig(small_mass=0.7)
     with pytest.raises(ValueError, match="methods"):
         gmm.GMMConfig(methods=("sgld",))
+    with pytest.raises(ValueError, match="num_groups"):
+        gmm.GMMConfig(num_walkers=999)
+    assert not gmm.GMMConfig(num_walkers=999, island_resampling=False).island_resampling
+    for bad in (1, 10):
+        with pytest.raises(ValueError, match="heldout_groups"):
+            gmm.GMMConfig(heldout_groups=bad)
+    with pytest.raises(ValueError, match="heldout_groups"):
+        gmm.GMMConfig(heldout_groups=5, island_resampling=False)
+
+
+def test_heldout_groups_add_their_own_estimate():
+    """A small run with 5 of 10 islands held out of the gradient: the held-out estimate and
+    its standard error are recorded per iteration and at the end, consistent with each
+    other, and printed in the table."""
+    config = gmm.GMMConfig(dim=2, num_data=200, num_walkers=200, num_iterations=40,
+                           methods=("jarzynski",), heldout_groups=5)
+    results = gmm.run(config)
+    jz = results["jarzynski"]
+    assert jz["cross_entropy_heldout"].shape == jz["cross_entropy"].shape
+    assert np.all(np.isfinite(jz["cross_entropy_heldout"])) and jz["final_cross_entropy_heldout_stderr"] > 0
+    assert jz["ce_heldout_error"] == pytest.approx(jz["final_cross_entropy_heldout"] - jz["final_exact_cross_entropy"])
+    assert jz["cross_entropy_heldout"][0] == pytest.approx(jz["cross_entropy"][0])  # equal weights at the start
+    assert "5 held-out groups" in gmm.format_table(results)
