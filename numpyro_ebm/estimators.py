@@ -240,8 +240,9 @@ def heldout_log_normalizer(log_normalizer: jax.Array, group_log_sums: jax.Array,
     (:func:`group_log_normalizers` with ``resampled=None``), the estimate is
     :math:`\log \tfrac1H \sum_{g\,\text{held out}} e^{\ell_{g,k}}` and its standard error
     :math:`\mathrm{sd}_g(\ell_{g,k}) / \sqrt H` over the held-out groups (the delta method,
-    as in :func:`group_log_normalizers`) (the last ``heldout_groups`` columns of ``group_log_sums``,
-    :func:`group_log_weight_sums`, shape ``(K, G)``). Returns two arrays of shape ``(K,)``."""
+    as in :func:`group_log_normalizers`). The held-out groups are the last ``heldout_groups``
+    columns of ``group_log_sums`` (:func:`group_log_weight_sums`, shape ``(K, G)``). Returns
+    two arrays of shape ``(K,)``."""
     group_log_sums = jnp.asarray(group_log_sums)
     if isinstance(heldout_groups, bool) or not isinstance(heldout_groups, int) or not (
             2 <= heldout_groups <= group_log_sums.shape[-1]):
@@ -251,4 +252,3 @@ def heldout_log_normalizer(log_normalizer: jax.Array, group_log_sums: jax.Array,
     held = ell[:, -heldout_groups:]
     estimate = logsumexp(held, axis=1) - jnp.log(heldout_groups)
     return estimate, jnp.std(held, axis=1, ddof=1) / jnp.sqrt(heldout_groups)
-
