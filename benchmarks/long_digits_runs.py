@@ -68,8 +68,9 @@ def config_of(spec: dict):
     return dataclasses.replace(base, **changes)
 
 
-def run_job(name: str, spec: dict, out: str, smoke: bool) -> None:
-    """One job, in this process."""
+def run_job(name: str, spec: dict, out: str, smoke: bool, save_walkers: bool = False) -> None:
+    """One job, in this process; ``save_walkers``: also ``DIR/<job>_walkers.npz`` (each
+    method's final walkers, log weights and parameter leaves, for later analysis)."""
     import jax
 
     from numpyro_ebm.experiments import digits
@@ -100,7 +101,9 @@ def run_job(name: str, spec: dict, out: str, smoke: bool) -> None:
         for method in config.methods:
             r = results[method]
             trace = r["result"].trace
-            keep = {"mass_trace_every_10": r["mass_trace"][::10].tolist()}
+            stride = max(1, 10 // config.label_every)  # rows every ~10 iterations
+            keep = {"mass_trace_iterations": r["mass_trace_iterations"][::stride].tolist(),
+                    "mass_trace": r["mass_trace"][::stride].tolist()}
             if method == "jarzynski":
                 keep.update(normalized_ess_every_10=trace["normalized_ess"][::10].tolist(),
                             step_size_every_10=trace["step_size"][::10].tolist(),
@@ -108,10 +111,26 @@ def run_job(name: str, spec: dict, out: str, smoke: bool) -> None:
                             resampled_at=[int(i) for i in trace["resampled"].nonzero()[0]])
             record["methods"][method].update(keep)
         digits.plot(results, os.path.join(out, f"{name}.png"))
+        if save_walkers:
+            save_final_walkers(results, config, os.path.join(out, f"{name}_walkers.npz"))
         print(record["table"], flush=True)
     record["job_wall_time"] = time.perf_counter() - t0
     with open(os.path.join(out, f"{name}.json"), "w") as fh:
         json.dump(record, fh, default=float)
+
+
+def save_final_walkers(results: dict, config, path: str) -> None:
+    import jax
+    import numpy as np
+
+    arrays = {}
+    for method in config.methods:
+        result = results[method]["result"]
+        arrays[f"{method}_particles"] = np.asarray(result.state.particles)
+        arrays[f"{method}_log_weights"] = np.asarray(result.state.log_weights)
+        for i, leaf in enumerate(jax.tree.leaves(result.params)):
+            arrays[f"{method}_param_{i}"] = np.asarray(leaf)
+    np.savez_compressed(path, **arrays)
 
 
 def pack(out: str, target: str) -> None:
@@ -129,12 +148,14 @@ def main() -> int:
                         "(default: long_runs.tar.gz beside --out)")
     parser.add_argument("--only", default=None, help="comma list of job names")
     parser.add_argument("--smoke", action="store_true", help="tiny settings (a CPU check of the script)")
+    parser.add_argument("--save-walkers", action="store_true", help="also DIR/<job>_walkers.npz: final walkers, "
+                        "log weights and parameter leaves per method")
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job here
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     listed = jobs(args.mnist_dir, args.smoke)
     if args.job is not None:
-        run_job(args.job, dict(listed)[args.job], args.out, args.smoke)
+        run_job(args.job, dict(listed)[args.job], args.out, args.smoke, args.save_walkers)
         return 0
     if args.only:
         wanted = args.only.split(",")
@@ -150,7 +171,7 @@ def main() -> int:
             continue
         t0 = time.perf_counter()
         cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--mnist-dir", args.mnist_dir,
-               "--job", name] + (["--smoke"] if args.smoke else [])
+               "--job", name] + (["--smoke"] if args.smoke else []) + (["--save-walkers"] if args.save_walkers else [])
         try:
             rc = subprocess.run(cmd, timeout=left).returncode
         except subprocess.TimeoutExpired:

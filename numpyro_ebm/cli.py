@@ -358,6 +358,8 @@ def _add_long_run_options(p: argparse.ArgumentParser, d) -> None:
                    "(default %(default)s)")
     p.add_argument("--classifier", choices=("logistic", "cnn"), default=d.classifier,
                    help="classifier that labels the walkers (default %(default)s)")
+    p.add_argument("--label-every", type=_positive_int, default=d.label_every,
+                   help="label the walkers every this many iterations (default %(default)s)")
     p.add_argument("--preset", choices=("theory", "authors"), default="theory",
                    help="'authors': the settings of the paper authors' public MNIST code, OUTSIDE THE THEORY "
                    "(tempered subset moves, energy penalty, Adam; see experiments.digits.authors_preset); they "
@@ -396,6 +398,7 @@ def _run_digits_like(args: argparse.Namespace) -> int:
         noise_copies=args.noise_copies, data_batch_size=args.data_batch_size, methods=args.methods, seed=args.seed,
         learning_rate_schedule=args.learning_rate_schedule, target_acceptance=args.target_acceptance,
         rejuvenation_moves=args.rejuvenation_moves, energy_penalty=args.energy_penalty, classifier=args.classifier,
+        label_every=args.label_every,
     )
     if mnist:
         changes.update(data_dir=args.data_dir, split=args.split, model=args.model, channels=args.channels)

@@ -92,6 +92,7 @@ def test_mnist_command_names_a_missing_directory(tmp_path, capsys):
         ["digits", "--step-size", "-1"],
         ["digits", "--clip-norm", "0"],
         ["digits", "--num-mcmc-steps", "0"],
+        ["digits", "--label-every", "0"],
         ["digits", "--methods", "jarzynski,sgld"],
         ["digits", "--classes", "2,x"],
         ["mnist"],
@@ -130,3 +131,21 @@ def test_digits_command_with_the_authors_preset(monkeypatch, capsys):
     assert config.step_size == 5e-5 and config.num_walkers == 1024 and config.energy_penalty == 0.01
     assert config.target_acceptance is None and config.num_mcmc_steps == 30
     assert "stopped by the test" in capsys.readouterr().err
+
+
+def test_label_every_reaches_the_config(monkeypatch, tmp_path):
+    """``mnist`` labels the walkers every 10th iteration by default, ``digits`` at every one;
+    ``--label-every`` overrides both."""
+    from numpyro_ebm.experiments import digits
+
+    seen = []
+
+    def stop(config):
+        seen.append(config.label_every)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(digits, "load_data", stop)
+    cli.main(["mnist", "--data-dir", str(tmp_path)])
+    cli.main(["digits"])
+    cli.main(["mnist", "--data-dir", str(tmp_path), "--label-every", "3"])
+    assert seen == [10, 1, 3]

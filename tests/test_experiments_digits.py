@@ -91,6 +91,17 @@ def test_tiny_run_reports_masses_and_cross_entropy():
     assert np.ptp(trace["step_size"]) > 0
 
 
+def test_labels_every_few_iterations_feed_the_tail_figures():
+    """``label_every=4``: the classifier's masses at iterations 0, 4, ..., 28 only (no
+    missing rows), and the tail average is that of the labelled rows in the last 20%."""
+    config = dataclasses.replace(TINY, label_every=4, methods=("pcd",))
+    r = digits.run(config)["pcd"]
+    np.testing.assert_array_equal(r["mass_trace_iterations"], np.arange(0, 30, 4))
+    assert r["mass_trace"].shape == (8, 3) and np.all(np.isfinite(r["mass_trace"]))
+    np.testing.assert_allclose(r["mass_trace"].sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(r["tail_masses"], r["mass_trace"][-2:].mean(0))  # iterations 24, 28
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -98,6 +109,7 @@ def test_tiny_run_reports_masses_and_cross_entropy():
         (dict(source="mnist"), "data_dir"),
         (dict(model="resnet"), "model"),
         (dict(num_walkers=1), "num_walkers"),
+        (dict(label_every=0), "label_every"),
         (dict(step_size=0.0), "step_size"),
         (dict(methods=("sgld",)), "methods"),
         (dict(schedule="linear"), "schedule"),

@@ -38,3 +38,31 @@ def test_label_trace_in_fit():
     assert np.all(result.trace["extra"]["label_ess"].sum(1) <= 64 + 1e-3)
     with pytest.raises(ValueError, match="`num_labels`"):
         label_trace(lambda x: x, 0)
+
+
+def test_trace_every_evaluates_the_trace_at_every_third_iteration_only():
+    """``trace_every=3``: rows 0, 3, 6, 9 equal those of a run traced at every iteration (same
+    key: the trace does not change the run), the rows in between read as missing (NaN for
+    floats, the smallest integer for integers)."""
+    data = jax.random.normal(jax.random.key(0), (100, 2)) + jnp.array([1.0, 0.0])
+    walkers = jax.random.normal(jax.random.key(1), (64, 2))
+    labels = label_trace(lambda x: (x[:, 0] > 0).astype(jnp.int32), 2)
+
+    def trace_fn(params, state):
+        return {**labels(params, state), "positive": jnp.sum(state.particles[:, 0] > 0)}
+
+    def run(every):
+        return numpyro_ebm.fit(
+            lambda p, x: 0.5 * jnp.sum((x - p) ** 2), jnp.zeros(2), data, optimizer=optax.sgd(0.05),
+            kernel="jarzynski", step_size=0.1, num_walkers=64, init_particles=walkers,
+            num_iterations=10, rng_key=jax.random.key(2), trace_fn=trace_fn, trace_every=every)
+
+    every, sparse = run(1), run(3)
+    np.testing.assert_array_equal(sparse.trace["normalized_ess"], every.trace["normalized_ess"])
+    for name in ("label_mass", "label_ess", "positive"):
+        np.testing.assert_array_equal(sparse.trace["extra"][name][::3], every.trace["extra"][name][::3])
+    off = np.arange(10) % 3 != 0
+    assert np.all(np.isnan(sparse.trace["extra"]["label_mass"][off]))
+    assert np.all(sparse.trace["extra"]["positive"][off] == np.iinfo(np.int32).min)
+    with pytest.raises(ValueError, match="`trace_every`"):
+        run(0)

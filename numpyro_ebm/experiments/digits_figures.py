@@ -92,12 +92,13 @@ def _plot_masses(ax, results, config, classes):
     styles = {"jarzynski": "-", "pcd": "--", "cd": ":"}
     for method in config.methods:
         masses = results[method]["mass_trace"]
+        iterations = results[method]["mass_trace_iterations"]
         for j, c in enumerate(classes):
-            ax.plot(np.arange(len(masses)), masses[:, j], styles[method], color=f"C{j}", lw=0.7,
+            ax.plot(iterations, masses[:, j], styles[method], color=f"C{j}", lw=0.7,
                     label=f"{method}: digit {c}")
     for j in range(len(classes)):
         ax.axhline(results["truth"][j], color=f"C{j}", lw=0.8, ls="-.", alpha=0.7)
-    num_iterations = len(results[config.methods[0]]["mass_trace"])
+    num_iterations = config.num_iterations
     ax.axvspan(0.8 * num_iterations, num_iterations, color="0.9", zorder=0, label="last 20%")
     ax.set_xlabel("training iteration")
     ax.set_ylabel("class mass among walkers")

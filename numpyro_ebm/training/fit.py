@@ -175,6 +175,7 @@ def fit(
     data_batch_size: int | None = None,
     log_z0: float | None = None,
     trace_fn: Callable[[Any, JarzynskiState], Any] | None = None,
+    trace_every: int = 1,
     step_size_adaptation: StepSizeAdaptation | None = None,
     energy_penalty: Any = None,
     callbacks: Any = None,
@@ -201,7 +202,9 @@ def fit(
     result equals one longer run. ``data_batch_size``: minibatches by epoch
     (:func:`~numpyro_ebm.training.run`); ``None``: the whole data set. ``log_z0``
     (:math:`\\log Z_{\\theta_0}`) adds the cross-entropy estimate to the trace.
-    ``trace_fn(params, walkers)`` is recorded in ``trace["extra"]``. ``step_size_adaptation``
+    ``trace_fn(params, walkers)`` is recorded in ``trace["extra"]``, evaluated every
+    ``trace_every`` iterations (rows in between read as missing, e.g. NaN; see
+    :func:`~numpyro_ebm.training.trainer.build_trainer`). ``step_size_adaptation``
     (:func:`numpyro_ebm.step_size.step_size_adaptation`) tunes :math:`h` (weighted kernels).
     ``energy_penalty`` (:func:`numpyro_ebm.training.penalties.squared_energy`) adds a penalty
     on the energies that **changes the objective** (:mod:`numpyro_ebm.training.penalties`).
@@ -239,7 +242,7 @@ def fit(
         data, params, constrain = sharding.place_for_training(mesh, data, params, num_walkers)
     trainer = build_trainer(potential_fn, optimizer, kernel, log_z0=log_z0,
                             step_size_adaptation=step_size_adaptation, trace_fn=trace_fn,
-                            constrain_walkers=constrain, energy_penalty=energy_penalty)
+                            trace_every=trace_every, constrain_walkers=constrain, energy_penalty=energy_penalty)
     if init_state is None:
         if mesh is not None and sharding.spans_processes(mesh) \
                 and (init_particles is None or isinstance(init_particles, str)):
@@ -261,7 +264,7 @@ def fit(
         init_state = sharding.place_train_state(init_state, mesh)
     callbacks = _default_callbacks(callbacks, progress)
     _record_settings(callbacks, data_batch_size=data_batch_size, log_z0=log_z0,
-                     trace_fn=trace_fn is not None, step_size_adaptation=step_size_adaptation is not None,
+                     trace_fn=trace_fn is not None, trace_every=trace_every, step_size_adaptation=step_size_adaptation is not None,
                      energy_penalty=None if energy_penalty is None else repr(energy_penalty.alpha))
     try:
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):  # (kernels.base)
@@ -289,7 +292,8 @@ def _check_processes_agree(args: dict[str, Any]) -> None:
         "optimizer": _optimizer_probe(args["optimizer"], args["params"]),
         "init_particles": name_of(init) if callable(init) else init,
         "init_state_iteration": None if args["init_state"] is None else int(args["init_state"].iteration),
-        "trace_fn": name_of(args["trace_fn"]), "potential_fn": name_of(args["potential_fn"]),
+        "trace_fn": name_of(args["trace_fn"]), "trace_every": args["trace_every"],
+        "potential_fn": name_of(args["potential_fn"]),
         # what shapes the chunks (compiled programs) and the collective Orbax saves
         "callbacks": [(type(cb).__name__, getattr(cb, "every", None), getattr(cb, "snapshot_every", None))
                       for cb in (args["callbacks"] or ()) if isinstance(cb, Checkpoint)

@@ -168,6 +168,7 @@ def build_trainer(
     constrain_walkers: Callable[[JarzynskiState], JarzynskiState] | None = None,
     lineage_window: int = 100,
     energy_penalty: EnergyPenalty | None = None,
+    trace_every: int = 1,
 ) -> Trainer:
     """Build the training step for ``potential_fn`` (the energy of ONE sample).
 
@@ -176,12 +177,16 @@ def build_trainer(
     ``kernels.cd.walker_kernel(0.1)``). ``log_z0`` (:math:`\\log Z_{\\theta_0}`) adds the
     cross-entropy estimate to the info; ``step_size_adaptation``
     (:func:`numpyro_ebm.step_size.step_size_adaptation`) tunes :math:`h` from the weighted
-    acceptance proxy; ``trace_fn(params, walkers)`` is recorded in ``info.extra``;
+    acceptance proxy; ``trace_fn(params, walkers)`` is recorded in ``info.extra`` at the
+    iterations :math:`k` with :math:`k \\bmod` ``trace_every`` :math:`= 0` and is not evaluated
+    at the others, whose rows read as missing (:func:`missing_like`: NaN, the smallest integer,
+    ``False``), for a ``trace_fn`` that costs as much as the step (e.g. a classifier);
     ``constrain_walkers`` is applied to the walker state after each kernel call (sharding
     constraints, :mod:`numpyro_ebm.sharding`).
     """
     _check(potential_fn, optimizer, kernel, step_size_adaptation)
     lineage_window = _checks.check_int_at_least("lineage_window", lineage_window, 1)
+    trace_every = _checks.check_int_at_least("trace_every", trace_every, 1)
     if energy_penalty is not None and not isinstance(energy_penalty, EnergyPenalty):
         raise TypeError("`energy_penalty` must be an EnergyPenalty, e.g. "
                         "numpyro_ebm.training.penalties.squared_energy(0.01)")
@@ -217,7 +222,8 @@ def build_trainer(
             log_normalizer = walkers.log_normalizer
             if log_z0 is not None:
                 cross_entropy = data_energy + log_z0 + walkers.log_normalizer
-        extra = None if trace_fn is None else trace_fn(params, walkers)
+        extra = None if trace_fn is None else _traced(trace_fn, trace_every, params, walkers,
+                                                      state.iteration)
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
         if kernel.restart is not None:
@@ -248,6 +254,31 @@ def build_trainer(
         return new_state, info
 
     return Trainer(init, step, kernel, optimizer, potential_fn)
+
+
+def missing_like(shapes):
+    """Arrays shaped like ``shapes`` (a pytree of ``jax.ShapeDtypeStruct``) that read as
+    missing: NaN (floating), the smallest value (integer), ``False`` (boolean)."""
+    def fill(leaf):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            value = jnp.nan
+        elif jnp.issubdtype(leaf.dtype, jnp.integer):
+            value = jnp.iinfo(leaf.dtype).min
+        else:
+            value = False
+        return jnp.full(leaf.shape, value, leaf.dtype)
+
+    return jax.tree.map(fill, shapes)
+
+
+def _traced(trace_fn, every: int, params, walkers: JarzynskiState, iteration):
+    """``trace_fn(params, walkers)`` when ``iteration % every == 0``, else missing values
+    (a ``lax.cond``: the other iterations do not evaluate it)."""
+    if every == 1:
+        return trace_fn(params, walkers)
+    shapes = jax.eval_shape(trace_fn, params, walkers)
+    return jax.lax.cond(iteration % every == 0, lambda: trace_fn(params, walkers),
+                        lambda: missing_like(shapes))
 
 
 def _follow_lineages(state: TrainState, ancestors: jax.Array, resampled: jax.Array, window: int):
