@@ -49,6 +49,9 @@ def jobs(mnist_dir: str, smoke: bool) -> list[tuple[str, dict]]:
                                           "num_iterations": 4000, "learning_rate": 0.005,
                                           "learning_rate_schedule": "constant", "rejuvenation_moves": 0,
                                           "target_acceptance": None}),
+        # weight decay is an L2 penalty on theta: it changes the objective, and at |theta| ~ 10 its
+        # pull (0.05 |theta|) is half the clipped gradient's largest norm (1)
+        ("mnist_no_weight_decay_seed0", {"kind": "run", **mnist, "seed": 0, "weight_decay": 0.0}),
         ("mnist_no_step_size_adaptation_seed0", {"kind": "run", **mnist, "seed": 0, "target_acceptance": None}),
     ]
     if smoke:
@@ -103,7 +106,9 @@ def run_job(name: str, spec: dict, out: str, smoke: bool, save_walkers: bool = F
             trace = r["result"].trace
             stride = max(1, 10 // config.label_every)  # rows every ~10 iterations
             keep = {"mass_trace_iterations": r["mass_trace_iterations"][::stride].tolist(),
-                    "mass_trace": r["mass_trace"][::stride].tolist()}
+                    "mass_trace": r["mass_trace"][::stride].tolist(),
+                    "grad_norm_every_10": trace["grad_norm"][::10].tolist(),
+                    "data_energy_every_10": trace["data_energy"][::10].tolist()}
             if method == "jarzynski":
                 keep.update(normalized_ess_every_10=trace["normalized_ess"][::10].tolist(),
                             step_size_every_10=trace["step_size"][::10].tolist(),

@@ -37,7 +37,7 @@ from numpyro_ebm.kernels.jarzynski_ula import scaled
 from numpyro_ebm.step_size import StepSizeAdaptation, StepSizeState, acceptance_proxy
 from numpyro_ebm.training.penalties import EnergyPenalty, penalised_value_and_grad
 
-__all__ = ["TrainState", "TrainInfo", "Trainer", "build_trainer"]
+__all__ = ["TrainState", "TrainInfo", "Trainer", "build_trainer", "missing_like"]
 
 
 class TrainState(NamedTuple):
