@@ -85,6 +85,11 @@ def test_tiny_run_reports_masses_and_cross_entropy():
         np.testing.assert_allclose(r["mass_trace"].sum(1), 1.0, atol=1e-5)
         np.testing.assert_allclose(r["tail_masses"], r["mass_trace"][24:].mean(0))
         assert r["tail_mass_error"] == pytest.approx(np.max(np.abs(r["tail_masses"] - results["truth"])))
+    # equal weights: the masses' standard error is sqrt(m (1 - m) / N), averaged over the tail
+    tail = results["pcd"]["mass_trace"][24:]
+    np.testing.assert_allclose(results["pcd"]["tail_mass_standard_error"],
+                               np.sqrt(tail * (1 - tail) / TINY.num_walkers).mean(0), rtol=1e-3)
+    assert "MC standard error" in table
     assert 0.0 < jz["min_lineage_fraction"] <= 1.0
     # the default adapts h from the weights' acceptance proxy, starting at the given h
     assert trace["step_size"][0] == pytest.approx(TINY.step_size)

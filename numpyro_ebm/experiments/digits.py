@@ -62,7 +62,7 @@ from numpyro_ebm.experiments.digits_report import format_table, summary
 from numpyro_ebm.step_size import step_size_adaptation
 from numpyro_ebm.training.callbacks import Snapshots
 from numpyro_ebm.training.fit import FitResult, fit
-from numpyro_ebm.training.labels import label_trace
+from numpyro_ebm.training.labels import label_mass_standard_error, label_trace
 from numpyro_ebm.training.penalties import squared_energy
 
 __all__ = [
@@ -356,15 +356,21 @@ def _snapshot_masses(classifier: DigitClassifier, snaps: dict[str, Any], weighte
 
 def _tail_figures(config: DigitsConfig, entry: dict[str, Any], truth: np.ndarray) -> dict[str, Any]:
     """The long-run figures: class masses averaged over the last 20% of iterations, the worst
-    snapshot error after the first 20%, the smallest per-class ESS after the first 20%."""
+    snapshot error after the first 20%, the smallest per-class ESS after the first 20%, and
+    the Monte Carlo standard error of one labelled iteration's masses averaged over the last
+    20% (the tail average's own error is at most this: it is this when no walker changes
+    class over the tail, smaller when they do)."""
     iterations = entry["mass_trace_iterations"]
-    tail = entry["mass_trace"][iterations >= np.floor(0.8 * config.num_iterations)]
+    in_tail = iterations >= np.floor(0.8 * config.num_iterations)
+    tail = entry["mass_trace"][in_tail]
+    tail_se = np.asarray(label_mass_standard_error(entry["mass_trace"][in_tail], entry["label_ess_trace"][in_tail]))
     after = entry["snapshot_iterations"] >= 0.2 * config.num_iterations
     snapshot_errors = np.max(np.abs(entry["snapshot_masses"][after] - truth), axis=1)
     label_ess = entry["label_ess_trace"][iterations >= np.floor(0.2 * config.num_iterations)]
     return {
         "tail_masses": tail.mean(0),
         "tail_mass_error": float(np.max(np.abs(tail.mean(0) - truth))),
+        "tail_mass_standard_error": tail_se.mean(0),
         "worst_snapshot_error": float(snapshot_errors.max()) if snapshot_errors.size else float("nan"),
         "min_label_ess": float(label_ess.min()) if label_ess.size else float("nan"),
     }

@@ -37,6 +37,7 @@ def format_table(results: dict[str, Any]) -> str:
         )
         lines.append(f"{'  last 20% mean':<28}" + "".join(f"{m:>9.3f}" for m in r["tail_masses"])
                      + f" {r['tail_mass_error']:>9.3f} {r['worst_snapshot_error']:>9.3f}")
+        lines.append(f"{'  MC standard error':<28}" + "".join(f"{m:>9.3f}" for m in r["tail_mass_standard_error"]))
         if method == "jarzynski":
             lines.append(f"{'  unweighted, final':<28}" + "".join(f"{m:>9.3f}" for m in r["unweighted_masses"]))
     data = results["data"]
@@ -46,7 +47,8 @@ def format_table(results: dict[str, Any]) -> str:
         f"classifier: {clf.kind} over {list(classes)}, trained on {clf.num_train} other images, "
         f"held-out accuracy {clf.test_accuracy:.3f} ({clf.num_test} images). worst>20%: largest error "
         "of a snapshot after the first 20% of iterations; lineages: fewest distinct ancestors in a "
-        "100-iteration window, over N"
+        "100-iteration window, over N; MC standard error: of one labelled iteration's masses, over the last "
+        "20% (walkers as independent draws)"
     )
     return "\n".join(lines)
 
@@ -77,7 +79,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
                 "final_cross_entropy_estimate", "num_resampling", "min_normalized_ess",
                 "mean_normalized_ess", "snapshot_iterations", "snapshot_masses", "wall_time",
                 "tail_masses", "tail_mass_error", "worst_snapshot_error", "min_label_ess",
-                "min_lineage_fraction",
+                "min_lineage_fraction", "tail_mass_standard_error",
             )
         }
     return out

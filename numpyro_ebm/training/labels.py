@@ -7,6 +7,18 @@ effective sample size :math:`\mathrm{ESS}_l = (\sum_{i: \ell_i = l} w_i)^2 / \su
 A label whose mass rests on a few walkers (small :math:`\mathrm{ESS}_l`) is the first to be
 lost or over-counted at the next resampling: this is how class proportions drift on real
 images (``docs/digits.md``).
+
+The Monte Carlo standard error of :math:`m_l` (delta method for a self-normalised estimate,
+walkers taken as independent) is
+
+.. math::
+
+    \mathrm{se}(m_l)^2 = \sum_i w_i^2 \big([\ell(X^i) = l] - m_l\big)^2
+    = S_l (1 - m_l)^2 + (S - S_l)\, m_l^2,
+
+with :math:`S_l = \sum_{i: \ell_i = l} w_i^2 = m_l^2 / \mathrm{ESS}_l` and
+:math:`S = \sum_l S_l`: it follows from the recorded masses and ESS alone
+(:func:`label_mass_standard_error`). With equal weights it is :math:`\sqrt{m_l (1 - m_l) / N}`.
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ import jax.numpy as jnp
 
 from numpyro_ebm import _checks
 
-__all__ = ["label_trace", "label_mass_and_ess"]
+__all__ = ["label_trace", "label_mass_and_ess", "label_mass_standard_error"]
 
 
 def label_mass_and_ess(labels: jax.Array, log_weights: jax.Array, num_labels: int):
@@ -29,6 +41,17 @@ def label_mass_and_ess(labels: jax.Array, log_weights: jax.Array, num_labels: in
     squares = jnp.zeros(num_labels, w.dtype).at[labels].add(w**2)
     ess = jnp.where(squares > 0, mass**2 / jnp.where(squares > 0, squares, 1.0), 0.0)
     return mass, ess
+
+
+def label_mass_standard_error(mass: jax.Array, ess: jax.Array) -> jax.Array:
+    """Monte Carlo standard error of each label's mass from ``(mass, ess)`` of
+    :func:`label_mass_and_ess` (last axis: labels; leading axes, e.g. iterations, broadcast);
+    see the module docstring. A label no walker carries has standard error 0 at mass 0."""
+    mass, ess = jnp.asarray(mass), jnp.asarray(ess)
+    squares = jnp.where(ess > 0, mass**2 / jnp.where(ess > 0, ess, 1.0), 0.0)  # S_l
+    total = jnp.sum(squares, axis=-1, keepdims=True)  # S
+    variance = squares * (1 - mass) ** 2 + (total - squares) * mass**2
+    return jnp.sqrt(jnp.maximum(variance, 0.0))
 
 
 def label_trace(label_fn: Callable[[Any], jax.Array], num_labels: int) -> Callable:
