@@ -40,6 +40,8 @@ def jobs(mnist_dir: str, smoke: bool) -> list[tuple[str, dict]]:
         # the same on a 2-core CPU in ~1.5 hours: half the walkers (512)
         ("mnist_30k_512_walkers_seed0", {"kind": "run", **mnist, "seed": 0, "num_iterations": 30000,
                                          "num_walkers": 512}),
+        ("mnist_30k_512_walkers_seed1_jarzynski", {"kind": "run", **mnist, "seed": 1, "num_iterations": 30000,
+                                                   "num_walkers": 512, "methods": ["jarzynski"]}),
         ("mnist_authors_seed0", {"kind": "run", **mnist, "seed": 0, "preset": "authors"}),
         ("mnist_seed1", {"kind": "run", **mnist, "seed": 1}),
         ("digits_seed0", {"kind": "run", "source": "digits", "seed": 0, "num_iterations": 20000}),
