@@ -156,7 +156,8 @@ class DigitsConfig:
         if self.weight_decay < 0 or self.noise_std < 0:
             raise ValueError("`weight_decay` and `noise_std` must be non-negative")
         for name in (
-            "hidden", "channels", "num_iterations", "num_snapshots", "label_every", "noise_copies", "num_mcmc_steps", "max_substeps",
+            "hidden", "channels", "num_iterations", "num_snapshots", "label_every", "noise_copies",
+            "num_mcmc_steps", "max_substeps",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}")
@@ -363,7 +364,7 @@ def _tail_figures(config: DigitsConfig, entry: dict[str, Any], truth: np.ndarray
     iterations = entry["mass_trace_iterations"]
     in_tail = iterations >= np.floor(0.8 * config.num_iterations)
     tail = entry["mass_trace"][in_tail]
-    tail_se = np.asarray(label_mass_standard_error(entry["mass_trace"][in_tail], entry["label_ess_trace"][in_tail]))
+    tail_se = np.asarray(label_mass_standard_error(tail, entry["label_ess_trace"][in_tail]))
     after = entry["snapshot_iterations"] >= 0.2 * config.num_iterations
     snapshot_errors = np.max(np.abs(entry["snapshot_masses"][after] - truth), axis=1)
     label_ess = entry["label_ess_trace"][iterations >= np.floor(0.2 * config.num_iterations)]

@@ -264,7 +264,8 @@ def fit(
         init_state = sharding.place_train_state(init_state, mesh)
     callbacks = _default_callbacks(callbacks, progress)
     _record_settings(callbacks, data_batch_size=data_batch_size, log_z0=log_z0,
-                     trace_fn=trace_fn is not None, trace_every=trace_every, step_size_adaptation=step_size_adaptation is not None,
+                     trace_fn=trace_fn is not None, trace_every=trace_every,
+                     step_size_adaptation=step_size_adaptation is not None,
                      energy_penalty=None if energy_penalty is None else repr(energy_penalty.alpha))
     try:
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):  # (kernels.base)
