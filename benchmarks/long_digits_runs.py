@@ -42,6 +42,11 @@ def jobs(mnist_dir: str, smoke: bool) -> list[tuple[str, dict]]:
                                          "num_walkers": 512}),
         ("mnist_30k_512_walkers_seed1_jarzynski", {"kind": "run", **mnist, "seed": 1, "num_iterations": 30000,
                                                    "num_walkers": 512, "methods": ["jarzynski"]}),
+        # the step size adapted on a probe of MALA's acceptance (issue 13, session 8), after the
+        # proxy-driven excursion of run 5 (h 2.6e-4 -> 2e-8 over iterations 10 000-15 500)
+        ("mnist_30k_512_walkers_seed0_probe_jarzynski", {"kind": "run", **mnist, "seed": 0, "num_iterations": 30000,
+                                                         "num_walkers": 512, "methods": ["jarzynski"],
+                                                         "acceptance_probe_every": 10}),
         ("mnist_authors_seed0", {"kind": "run", **mnist, "seed": 0, "preset": "authors"}),
         ("mnist_seed1", {"kind": "run", **mnist, "seed": 1}),
         ("digits_seed0", {"kind": "run", "source": "digits", "seed": 0, "num_iterations": 20000}),
@@ -119,6 +124,7 @@ def run_job(name: str, spec: dict, out: str, smoke: bool, save_walkers: bool = F
                             step_size_every_10=trace["step_size"][::10].tolist(),
                             num_lineages_every_10=trace["num_lineages"][::10].tolist(),
                             resampled_at=[int(i) for i in trace["resampled"].nonzero()[0]])
+                keep.update(acceptance_record(trace))
             record["methods"][method].update(keep)
         digits.plot(results, os.path.join(out, f"{name}.png"))
         if save_walkers:
@@ -127,6 +133,22 @@ def run_job(name: str, spec: dict, out: str, smoke: bool, save_walkers: bool = F
     record["job_wall_time"] = time.perf_counter() - t0
     with open(os.path.join(out, f"{name}.json"), "w") as fh:
         json.dump(record, fh, default=float)
+
+
+def acceptance_record(trace) -> dict:
+    """The step-size adaptation's signals: the proxy averaged over windows of 10 iterations,
+    and the probe's acceptance at the iterations it ran."""
+    import numpy as np
+
+    out = {}
+    if "acceptance" in trace:
+        proxy = np.asarray(trace["acceptance"])
+        out["acceptance_mean_every_10"] = proxy[: len(proxy) // 10 * 10].reshape(-1, 10).mean(1).tolist()
+    if "probe_acceptance" in trace:
+        probe = np.asarray(trace["probe_acceptance"])
+        at = np.flatnonzero(np.isfinite(probe))
+        out.update(probe_acceptance_at=at.tolist(), probe_acceptance=probe[at].tolist())
+    return out
 
 
 def save_final_walkers(results: dict, config, path: str) -> None:

@@ -29,6 +29,11 @@ _nonnegative_int = _int_at_least(0)
 _seed = _int_at_least(-(2**63), 2**63 - 1)  # what jax.random.key takes
 
 
+def _positive_int_or_none(text: str) -> int | None:
+    """An argparse ``type``: an integer >= 1, or ``none``."""
+    return None if text.lower() == "none" else _positive_int(text)
+
+
 def _finite_float(text: str, *, allow_zero: bool) -> float:
     try:
         value = float(text)

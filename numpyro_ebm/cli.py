@@ -17,6 +17,7 @@ from numpyro_ebm._cli_types import (
     _nonnegative_int,
     _positive_float,
     _positive_int,
+    _positive_int_or_none,
     _seed,
 )
 
@@ -349,8 +350,12 @@ def _add_long_run_options(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--learning-rate-schedule", choices=("constant", "linear"), default=d.learning_rate_schedule,
                    help="constant, or linear decay to 0 at the last iteration (default %(default)s)")
     p.add_argument("--target-acceptance", type=_acceptance_or_none, default=d.target_acceptance,
-                   help="adapt the ULA step size so the weights' acceptance proxy approaches this; "
+                   help="adapt the ULA step size so that MALA's acceptance approaches this; "
                    "'none': fixed step size (default %(default)s)")
+    p.add_argument("--acceptance-probe-every", type=_positive_int_or_none, default=d.acceptance_probe_every,
+                   help="measure that acceptance with a probe proposal every this many iterations (one "
+                   "extra walker evaluation each time); 'none': from the weights' free proxy, which "
+                   "noisy parameter updates pull down (default %(default)s)")
     p.add_argument("--rejuvenation-moves", type=_nonnegative_int, default=d.rejuvenation_moves,
                    help="MALA moves at fixed parameters after each resampling, 0: none (default %(default)s)")
     p.add_argument("--energy-penalty", type=_nonnegative_float, default=d.energy_penalty,
@@ -397,6 +402,7 @@ def _run_digits_like(args: argparse.Namespace) -> int:
         clip_norm=args.clip_norm, num_mcmc_steps=args.num_mcmc_steps, noise_std=args.noise_std,
         noise_copies=args.noise_copies, data_batch_size=args.data_batch_size, methods=args.methods, seed=args.seed,
         learning_rate_schedule=args.learning_rate_schedule, target_acceptance=args.target_acceptance,
+        acceptance_probe_every=args.acceptance_probe_every,
         rejuvenation_moves=args.rejuvenation_moves, energy_penalty=args.energy_penalty, classifier=args.classifier,
         label_every=args.label_every,
     )

@@ -79,6 +79,25 @@ def test_mnist_command_on_the_shared_test_set(tmp_path, capsys):
     assert summary["classifier"]["test_accuracy"] > 0.9
 
 
+def test_acceptance_probe_every_reaches_the_config(monkeypatch, tmp_path):
+    """Both commands probe MALA's acceptance every 10th iteration by default;
+    ``--acceptance-probe-every none`` goes back to the proxy."""
+    from numpyro_ebm.experiments import digits
+
+    seen = []
+
+    def stop(config):
+        seen.append(config.acceptance_probe_every)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(digits, "load_data", stop)
+    cli.main(["mnist", "--data-dir", str(tmp_path)])
+    cli.main(["digits"])
+    cli.main(["digits", "--acceptance-probe-every", "none"])
+    cli.main(["digits", "--acceptance-probe-every", "4"])
+    assert seen == [10, 10, None, 4]
+
+
 def test_mnist_command_names_a_missing_directory(tmp_path, capsys):
     code = cli.main(["mnist", "--data-dir", str(tmp_path / "absent"), *TINY])
     assert code == 2
@@ -93,6 +112,7 @@ def test_mnist_command_names_a_missing_directory(tmp_path, capsys):
         ["digits", "--clip-norm", "0"],
         ["digits", "--num-mcmc-steps", "0"],
         ["digits", "--label-every", "0"],
+        ["digits", "--acceptance-probe-every", "0"],
         ["digits", "--methods", "jarzynski,sgld"],
         ["digits", "--classes", "2,x"],
         ["mnist"],

@@ -91,9 +91,12 @@ def test_tiny_run_reports_masses_and_cross_entropy():
                                np.sqrt(tail * (1 - tail) / TINY.num_walkers).mean(0), rtol=1e-3)
     assert "MC standard error" in table
     assert 0.0 < jz["min_lineage_fraction"] <= 1.0
-    # the default adapts h from the weights' acceptance proxy, starting at the given h
+    # the default adapts h from a probe of MALA's acceptance every 10 iterations, starting
+    # at the given h: h changes only after a probe (iterations 0, 10, 20)
     assert trace["step_size"][0] == pytest.approx(TINY.step_size)
     assert np.ptp(trace["step_size"]) > 0
+    assert np.all(np.isfinite(trace["probe_acceptance"][::10]))
+    assert np.all((np.nonzero(np.diff(trace["step_size"]))[0] + 1) % 10 == 1)
 
 
 def test_labels_every_few_iterations_feed_the_tail_figures():
@@ -124,6 +127,7 @@ def test_labels_every_few_iterations_feed_the_tail_figures():
         (dict(learning_rate_schedule="cosine"), "learning_rate_schedule"),
         (dict(classifier="svm"), "classifier"),
         (dict(target_acceptance=1.0), "target_acceptance"),
+        (dict(acceptance_probe_every=0), "acceptance_probe_every"),
         (dict(rejuvenation_moves=-1), "rejuvenation_moves"),
     ],
 )

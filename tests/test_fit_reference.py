@@ -30,7 +30,8 @@ def new_api(name):
         "adaptive": (jnp.float64, adaptive_jarzynski_ula.walker_kernel(
             H, target_ess=0.9, max_substeps=5, **jz), {}),
         "step_size_adaptation": (jnp.float64, jarzynski_ula.walker_kernel(H, **jz),
-                                 {"step_size_adaptation": step_size_adaptation(0.6, initial_exploration=10.0)}),
+                                 {"step_size_adaptation": step_size_adaptation(0.6, initial_exploration=10.0,
+                                                                         probe_every=None)}),
         "snapshots": (jnp.float64, jarzynski_ula.walker_kernel(H, **jz),
                       {"callbacks": [cbs.Snapshots(5)]}),
         "walker_chunks": (jnp.float64, jarzynski_ula.walker_kernel(H, walker_batch_size=16, **jz), {}),

@@ -35,6 +35,7 @@ _STAT_FIELDS = (
     "num_substeps",
     "substep_target_missed",
     "acceptance",
+    "probe_acceptance",
     "rejuvenated",
     "mala_acceptance",
     "energy_penalty",

@@ -120,6 +120,7 @@ class DigitsConfig:
     learning_rate_schedule: str = "linear"
     rejuvenation_moves: int = 5
     target_acceptance: float | None = 0.95
+    acceptance_probe_every: int | None = 10
     energy_penalty: float = 0.0
     classifier: str = "logistic"
     label_every: int = 1
@@ -149,6 +150,9 @@ class DigitsConfig:
             raise ValueError(f"`classifier` must be 'logistic' or 'cnn', got {self.classifier!r}")
         if self.target_acceptance is not None and not 0.0 < self.target_acceptance < 1.0:
             raise ValueError(f"`target_acceptance` must lie in (0, 1) or be None, got {self.target_acceptance}")
+        if self.acceptance_probe_every is not None and self.acceptance_probe_every < 1:
+            raise ValueError("`acceptance_probe_every` must be a positive integer or None, got "
+                             f"{self.acceptance_probe_every}")
         if self.rejuvenation_moves < 0 or self.energy_penalty < 0:
             raise ValueError("`rejuvenation_moves` and `energy_penalty` must be non-negative")
         if self.model not in ("mlp", "conv"):
@@ -329,7 +333,7 @@ def _fit_method(config: DigitsConfig, method: str, inputs: _FitInputs, classifie
     penalty = squared_energy(config.energy_penalty) if config.energy_penalty > 0 else None
     adaptation = None
     if kernel.weighted and config.target_acceptance is not None:
-        adaptation = step_size_adaptation(config.target_acceptance)
+        adaptation = step_size_adaptation(config.target_acceptance, probe_every=config.acceptance_probe_every)
     t0 = time.perf_counter()
     result: FitResult = fit(
         inputs.potential_fn, inputs.params, inputs.train_images, optimizer=inputs.optimizer, kernel=kernel,

@@ -44,7 +44,8 @@ def increment_split_run(config: digits.DigitsConfig, data=None) -> dict[str, Any
     potential_fn, params, base = digits.make_energy(config, data.images)
     inputs = digits._fit_inputs(config, potential_fn, params, base, data.images)
     kernel = digits.make_kernel(config, "jarzynski")
-    adaptation = None if config.target_acceptance is None else step_size_adaptation(config.target_acceptance)
+    adaptation = None if config.target_acceptance is None else step_size_adaptation(
+        config.target_acceptance, probe_every=config.acceptance_probe_every)
     trainer = with_increment_split(build_trainer(potential_fn, inputs.optimizer, kernel, log_z0=inputs.log_z0,
                                                  step_size_adaptation=adaptation), per_walker=True)
     init_key, loop_key = jax.random.split(inputs.rng_key)  # as fit splits its key

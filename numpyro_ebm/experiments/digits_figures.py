@@ -55,7 +55,7 @@ def save_figures(results: dict[str, Any], directory: str, prefix: str = "digits"
 def plot(results: dict[str, Any], path: str) -> None:
     """Save a PNG: the class masses over training per method (every iteration, from the
     classifier in the loop) against the truth; the Jarzynski walkers' health (ESS/N, distinct
-    lineages over N, resamplings); and the Jarzynski cross-entropy estimate."""
+    lineages over N, resamplings, the step size); and the Jarzynski cross-entropy estimate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,4 +122,9 @@ def _plot_health(ax, trace, num_walkers):
     ax.set_ylim(-0.06, 1.02)
     ax.set_xlabel("training iteration")
     ax.set_title("Jarzynski walkers' health", fontsize=10)
-    ax.legend(fontsize=7)
+    step = ax.twinx()  # an adapted step size that collapses freezes the walkers: show it
+    step.semilogy(iterations, np.asarray(trace["step_size"]), color="C4", lw=0.8, label="step size h (right)")
+    step.set_ylabel("ULA step size h", color="C4", fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    more_handles, more_labels = step.get_legend_handles_labels()
+    ax.legend(handles + more_handles, labels + more_labels, fontsize=7)

@@ -56,7 +56,8 @@ class FitResult(NamedTuple):
         ``cross_entropy`` (with ``log_z0``); from the move :math:`\\theta_k \\to
         \\theta_{k+1}`: ``step_size``, ``num_nonfinite`` and, weighted, ``ess``,
         ``normalized_ess``, ``max_weight``, ``resampled`` (before resampling),
-        ``num_substeps`` (adaptive schedule), ``acceptance`` (step-size adaptation).
+        ``num_substeps`` (adaptive schedule), ``acceptance`` (step-size adaptation: the
+        proxy) and ``probe_acceptance`` (its probe, NaN between probes).
         ``extra`` holds ``trace_fn(params, walkers)``; ``snapshots`` the
         :class:`~numpyro_ebm.training.callbacks.Snapshots`.
     opt_state

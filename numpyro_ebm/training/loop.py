@@ -86,7 +86,7 @@ def trace_row(info: TrainInfo, num_walkers: int) -> dict[str, jax.Array]:
         if hasattr(info.kernel_info, "rejuvenated"):
             row["rejuvenated"] = info.kernel_info.rejuvenated
             row["mala_acceptance"] = info.kernel_info.mala_acceptance
-    for name in ("cross_entropy", "acceptance", "extra", "energy_penalty"):
+    for name in ("cross_entropy", "acceptance", "probe_acceptance", "extra", "energy_penalty"):
         if getattr(info, name) is not None:
             row[name] = getattr(info, name)
     return row

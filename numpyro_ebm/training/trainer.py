@@ -11,7 +11,9 @@ r"""The trainer: a pure, jittable training step over a named state (NumPyro SVI'
 3. the kernel call: (CD: restart from the batch), ULA move under :math:`\theta_k`, one energy
    evaluation at :math:`\theta_{k+1}` (value, :math:`\nabla_x` and the next walker term),
    weight update and resampling for weighted kernels;
-4. optional step-size adaptation from the move's acceptance proxy.
+4. optional step-size adaptation from the move's acceptance proxy, or from MALA's acceptance
+   of a probe proposal at :math:`\theta_{k+1}` every ``probe_every`` iterations
+   (:mod:`numpyro_ebm.step_size`).
 
 One evaluation of the energy at the batch and one at the walkers per step, for every
 kernel. ``rng_key`` is the iteration's key: it is split in three, the first part left to the
@@ -34,7 +36,7 @@ from numpyro_ebm.estimators import ce_value_and_grad
 from numpyro_ebm.kernels.base import JarzynskiState, PotentialFn, WalkerKernel, gradient_weights
 from numpyro_ebm.kernels.evaluation import weighted_param_grad
 from numpyro_ebm.kernels.jarzynski_ula import scaled
-from numpyro_ebm.step_size import StepSizeAdaptation, StepSizeState, acceptance_proxy
+from numpyro_ebm.step_size import StepSizeAdaptation, StepSizeState, acceptance_proxy, probe_acceptance
 from numpyro_ebm.training.penalties import EnergyPenalty, penalised_value_and_grad
 
 __all__ = ["TrainState", "TrainInfo", "Trainer", "build_trainer", "missing_like"]
@@ -91,6 +93,10 @@ class TrainInfo(NamedTuple):
         (weighted) normalised log weights after the move, before resampling.
     acceptance
         With step-size adaptation: the move's weighted acceptance proxy.
+    probe_acceptance
+        With a probing step-size adaptation (``probe_every=m``): MALA's weighted acceptance
+        of a probe proposal from the walkers at :math:`\\theta_{k+1}`, with the step size the
+        next move uses, at the iterations :math:`k \\equiv 0 \\pmod m`; NaN at the others.
     extra
         ``trace_fn(params, walkers)`` at :math:`\\theta_k`, when given.
     num_lineages
@@ -112,6 +118,7 @@ class TrainInfo(NamedTuple):
     num_nonfinite: jax.Array
     log_weights_before_resampling: jax.Array | None
     acceptance: jax.Array | None
+    probe_acceptance: jax.Array | None
     extra: Any
     num_lineages: jax.Array | None
     energy_penalty: jax.Array | None
@@ -157,6 +164,21 @@ def _move_weights(kernel_info, moved_log_weights):
     return unnormalised - logsumexp(unnormalised), moved_log_weights
 
 
+def _probe_and_adapt(adaptation, potential_fn, rng_key, walkers, step_state, iteration, batch_size):
+    """At iterations :math:`k \\equiv 0 \\pmod m`: :func:`~numpyro_ebm.step_size.probe_acceptance`
+    at the new walkers with the next move's step size, and the adaptation's update from it;
+    at the others (no evaluation): NaN and the state unchanged."""
+    def probe(step_state):
+        acceptance = probe_acceptance(rng_key, potential_fn, walkers, step_state.step_size.astype(
+            walkers.potential.dtype), batch_size)
+        return acceptance, adaptation.update(step_state, acceptance.astype(step_state.step_size.dtype))
+
+    def skip(step_state):
+        return jnp.full((), jnp.nan, walkers.potential.dtype), step_state
+
+    return jax.lax.cond(iteration % adaptation.probe_every == 0, probe, skip, step_state)
+
+
 def build_trainer(
     potential_fn: PotentialFn,
     optimizer: optax.GradientTransformation,
@@ -176,8 +198,9 @@ def build_trainer(
     ``kernels.jarzynski_ula.walker_kernel(0.1)``, ``kernels.ula.walker_kernel(0.1)`` for PCD,
     ``kernels.cd.walker_kernel(0.1)``). ``log_z0`` (:math:`\\log Z_{\\theta_0}`) adds the
     cross-entropy estimate to the info; ``step_size_adaptation``
-    (:func:`numpyro_ebm.step_size.step_size_adaptation`) tunes :math:`h` from the weighted
-    acceptance proxy; ``trace_fn(params, walkers)`` is recorded in ``info.extra`` at the
+    (:func:`numpyro_ebm.step_size.step_size_adaptation`) tunes :math:`h` from MALA's acceptance
+    of a probe proposal every ``probe_every`` iterations, or from the weighted acceptance proxy
+    at every one; ``trace_fn(params, walkers)`` is recorded in ``info.extra`` at the
     iterations :math:`k` with :math:`k \\bmod` ``trace_every`` :math:`= 0` and is not evaluated
     at the others, whose rows read as missing (:func:`missing_like`: NaN, the smallest integer,
     ``False``), for a ``trace_fn`` that costs as much as the step (e.g. a classifier);
@@ -237,16 +260,21 @@ def build_trainer(
         max_abs_potential = jnp.max(jnp.where(live, jnp.abs(walkers.potential), 0.0))
         walkers, kernel_info = kernel.step(potential_fn, move_key, walkers, new_params, h, **kernel_extra)
         walkers = constrain(walkers)
-        pre = acceptance = None
+        pre = acceptance = probe = None
         if kernel.weighted:
             pre, start = _move_weights(kernel_info, moved_log_weights)
             if step_state is not None:
                 acceptance = acceptance_proxy(start, kernel_info.log_weight_increments)
-                step_state = step_size_adaptation.update(step_state, acceptance)
+                if step_size_adaptation.probe_every is None:
+                    step_state = step_size_adaptation.update(step_state, acceptance)
+                else:
+                    probe, step_state = _probe_and_adapt(
+                        step_size_adaptation, potential_fn, jax.random.fold_in(move_key, 1), walkers,
+                        step_state, state.iteration, kernel.config.get("walker_batch_size"))
         lineage, num_lineages = _follow_lineages(state, kernel_info.ancestors, kernel_info.resampled,
                                                  lineage_window)
         info = TrainInfo(optax.tree.norm(grads), data_energy, log_normalizer, cross_entropy,
-                         max_abs_potential, h, kernel_info.num_nonfinite, pre, acceptance, extra,
+                         max_abs_potential, h, kernel_info.num_nonfinite, pre, acceptance, probe, extra,
                          num_lineages if kernel.weighted else None, penalty,
                          kernel_info._replace(param_grad=None))
         new_state = TrainState(new_params, opt_state, walkers, step_state, kernel_info.param_grad,
