@@ -149,7 +149,8 @@ def summary(runs):
             hs = np.array([r["final_heldout_stderr"] for r in held])
             lines.append(f"{'':>7} held-out estimate ({held[0]['heldout_groups']} groups): error {v.mean():+.4f} ± "
                          f"{v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float('nan'):.4f}, sd "
-                         f"{v.std(ddof=1) if len(v) > 1 else float('nan'):.4f}, rms s.e. {np.sqrt(np.mean(hs**2)):.4f}, "
+                         f"{v.std(ddof=1) if len(v) > 1 else float('nan'):.4f}, "
+                         f"rms s.e. {np.sqrt(np.mean(hs**2)):.4f}, "
                          f"|z|<2 {np.mean(np.abs(v / hs) < 2):.2f}")
     return "\n".join(lines)
 

@@ -52,8 +52,8 @@ def main() -> int:
         x, log_w = stored[f"{method}_particles"], stored[f"{method}_log_weights"]
         leaves = [jnp.asarray(stored[f"{method}_param_{i}"]) for i in range(len(jax.tree.leaves(template)))]
         params = jax.tree.unflatten(jax.tree.structure(template), leaves)
-        energy = jax.jit(jax.vmap(lambda xi: potential_fn(params, xi)))
-        grad = jax.jit(jax.vmap(jax.grad(lambda xi: potential_fn(params, xi))))
+        energy = jax.jit(jax.vmap(lambda xi, p=params: potential_fn(p, xi)))
+        grad = jax.jit(jax.vmap(jax.grad(lambda xi, p=params: potential_fn(p, xi))))
         w = np.exp(log_w - log_w.max())
         w /= w.sum()
         proba = classifier.predict_proba(x)
@@ -72,7 +72,8 @@ def main() -> int:
             y = y - args.descent_rate * grad(y)
         descended = classifier.predict_proba(np.asarray(y))
         print(f"   after {args.descent_steps} descent steps: masses {np.round(class_masses(descended, log_w), 3)}, "
-              f"labels changed {np.mean(descended.argmax(1) != labels):.3f}, mean energy {float(np.mean(energy(y))):.1f}")
+              f"labels changed {np.mean(descended.argmax(1) != labels):.3f}, "
+              f"mean energy {float(np.mean(energy(y))):.1f}")
     return 0
 
 

@@ -347,6 +347,9 @@ def _add_moves_and_data_options(p: argparse.ArgumentParser, d) -> None:
 def _add_long_run_options(p: argparse.ArgumentParser, d) -> None:
     """What keeps long runs healthy (issue 13): learning-rate decay, step-size adaptation,
     rejuvenation, an optional energy penalty, and the classifier that measures the masses."""
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer,
+                   help="after clipping and weight decay: SGD, or Adam (per-coordinate steps of about the "
+                   "learning rate; scale it down accordingly) (default %(default)s)")
     p.add_argument("--learning-rate-schedule", choices=("constant", "linear"), default=d.learning_rate_schedule,
                    help="constant, or linear decay to 0 at the last iteration (default %(default)s)")
     p.add_argument("--target-acceptance", type=_acceptance_or_none, default=d.target_acceptance,
@@ -402,7 +405,7 @@ def _run_digits_like(args: argparse.Namespace) -> int:
         clip_norm=args.clip_norm, num_mcmc_steps=args.num_mcmc_steps, noise_std=args.noise_std,
         noise_copies=args.noise_copies, data_batch_size=args.data_batch_size, methods=args.methods, seed=args.seed,
         learning_rate_schedule=args.learning_rate_schedule, target_acceptance=args.target_acceptance,
-        acceptance_probe_every=args.acceptance_probe_every,
+        acceptance_probe_every=args.acceptance_probe_every, optimizer=args.optimizer,
         rejuvenation_moves=args.rejuvenation_moves, energy_penalty=args.energy_penalty, classifier=args.classifier,
         label_every=args.label_every,
     )

@@ -98,6 +98,32 @@ def test_acceptance_probe_every_reaches_the_config(monkeypatch, tmp_path):
     assert seen == [10, 10, None, 4]
 
 
+def test_optimizer_reaches_the_config_and_the_run(monkeypatch):
+    """``--optimizer adam`` reaches the config; the experiment's optimizer then is Adam:
+    its first update from a unit gradient is ``learning_rate`` per coordinate (SGD's is
+    ``learning_rate`` times the gradient, here 0.1 of it)."""
+    import jax.numpy as jnp
+
+    from numpyro_ebm.experiments import digits
+
+    seen = []
+
+    def stop(config):
+        seen.append(config.optimizer)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(digits, "load_data", stop)
+    cli.main(["digits", "--optimizer", "adam"])
+    cli.main(["digits"])
+    assert seen == ["adam", "sgd"]
+    params = {"w": jnp.zeros(4)}
+    grads = {"w": jnp.full(4, 0.1)}
+    for name, expected in (("adam", -0.005), ("sgd", -0.0005)):
+        optimizer = digits._optimizer(digits.DigitsConfig(optimizer=name, weight_decay=0.0))
+        updates, _ = optimizer.update(grads, optimizer.init(params), params)
+        np.testing.assert_allclose(updates["w"], expected, rtol=1e-4)
+
+
 def test_mnist_command_names_a_missing_directory(tmp_path, capsys):
     code = cli.main(["mnist", "--data-dir", str(tmp_path / "absent"), *TINY])
     assert code == 2

@@ -128,6 +128,7 @@ def test_labels_every_few_iterations_feed_the_tail_figures():
         (dict(classifier="svm"), "classifier"),
         (dict(target_acceptance=1.0), "target_acceptance"),
         (dict(acceptance_probe_every=0), "acceptance_probe_every"),
+        (dict(optimizer="lbfgs"), "optimizer"),
         (dict(rejuvenation_moves=-1), "rejuvenation_moves"),
     ],
 )

@@ -118,6 +118,7 @@ class DigitsConfig:
     ess_threshold: float = 0.5
     num_snapshots: int = 10
     learning_rate_schedule: str = "linear"
+    optimizer: str = "sgd"
     rejuvenation_moves: int = 5
     target_acceptance: float | None = 0.95
     acceptance_probe_every: int | None = 10
@@ -142,6 +143,8 @@ class DigitsConfig:
         if self.learning_rate_schedule not in ("constant", "linear"):
             raise ValueError("`learning_rate_schedule` must be 'constant' or 'linear', got "
                              f"{self.learning_rate_schedule!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"`optimizer` must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.preset not in ("theory", "authors"):
             raise ValueError(f"`preset` must be 'theory' or 'authors', got {self.preset!r}")
         if self.preset == "authors" and "cd" in self.methods:
@@ -239,20 +242,24 @@ def authors_preset(config: DigitsConfig) -> DigitsConfig:
 
 
 def _optimizer(config: DigitsConfig) -> optax.GradientTransformation:
-    """SGD with weight decay and clipping (``preset="theory"``), or the authors' Adam."""
+    """Clipping, weight decay, then SGD (``optimizer="sgd"``) or Adam with optax's defaults
+    (``"adam"``: each coordinate's step scaled by its own gradient size, about ``learning_rate``
+    per coordinate, so ``learning_rate * sqrt(num_parameters)`` in norm where SGD's clipped
+    step is at most ``learning_rate * clip_norm``); ``preset="authors"``: the authors' Adam."""
     if config.preset == "authors":
         frozen_after = max(1, (5 * config.num_iterations) // 6)
         return optax.chain(optax.clip_by_global_norm(config.clip_norm),
                            optax.adam(optax.linear_schedule(config.learning_rate, 0.0, frozen_after), b1=0.0))
+    step = optax.sgd if config.optimizer == "sgd" else optax.adam
     return optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
         optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(learning_rate(config)),
+        step(learning_rate(config)),
     )
 
 
 def learning_rate(config: DigitsConfig):
-    """The SGD learning rate: ``config.learning_rate``, constant, or (``"linear"``) decayed
+    """The learning rate: ``config.learning_rate``, constant, or (``"linear"``) decayed
     linearly to 0 at the last iteration (:func:`optax.linear_schedule`)."""
     if config.learning_rate_schedule == "linear":
         return optax.linear_schedule(config.learning_rate, 0.0, config.num_iterations)
