@@ -50,6 +50,8 @@ def jobs(mnist_dir: str, smoke: bool) -> list[tuple[str, dict]]:
         ("mnist_30k_512_walkers_seed1_probe_jarzynski", {"kind": "run", **mnist, "seed": 1, "num_iterations": 30000,
                                                          "num_walkers": 512, "methods": ["jarzynski"],
                                                          "acceptance_probe_every": 10}),
+        # today's MNIST defaults (1024 walkers, 10^4 updates) with the probe, against run 4's proxy
+        ("mnist_seed0_probe_jarzynski", {"kind": "run", **mnist, "seed": 0, "methods": ["jarzynski"]}),
         # is digit 3's excess (0.08-0.12 in every MNIST run, both methods) the clipped SGD's?
         # Adam scales each coordinate's step; lr 1e-5 x sqrt(51 553 parameters) ~ 0.0023 per
         # iteration in norm, as SGD's clipped 0.002 (session 8 pilot, Jarzynski only)
