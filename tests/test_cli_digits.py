@@ -100,8 +100,9 @@ def test_acceptance_probe_every_reaches_the_config(monkeypatch, tmp_path):
 
 def test_optimizer_reaches_the_config_and_the_run(monkeypatch):
     """``--optimizer adam`` reaches the config; the experiment's optimizer then is Adam:
-    its first update from a unit gradient is ``learning_rate`` per coordinate (SGD's is
-    ``learning_rate`` times the gradient, here 0.1 of it)."""
+    from a gradient of 0.1 per coordinate its first update is ``learning_rate`` (0.005) per
+    coordinate, whatever the gradient's size, where SGD's is ``learning_rate`` times the
+    gradient (0.0005)."""
     import jax.numpy as jnp
 
     from numpyro_ebm.experiments import digits
