@@ -52,7 +52,7 @@ def jobs(mnist_dir: str, smoke: bool) -> list[tuple[str, dict]]:
         ("mnist_30k_512_walkers_seed1_probe_jarzynski", {"kind": "run", **mnist, "seed": 1, "num_iterations": 30000,
                                                          "num_walkers": 512, "methods": ["jarzynski"],
                                                          "acceptance_probe_every": 10}),
-        # today's MNIST defaults (1024 walkers, 10^4 updates) with the probe, against run 4's proxy
+        # the MNIST defaults of the time (1024 walkers, 10^4 updates) with the probe, against run 4's proxy
         ("mnist_seed0_probe_jarzynski", {"kind": "run", **mnist, "seed": 0, "methods": ["jarzynski"]}),
         # ... which left run 4's error (0.116): the longer training is what helped at 512 walkers.
         # 3 x 10^4 updates at the defaults' 1024 walkers (~1.3 h on a 2-core CPU, Jarzynski only)
