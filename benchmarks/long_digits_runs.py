@@ -81,8 +81,8 @@ def jobs(mnist_dir: str, smoke: bool) -> list[tuple[str, dict]]:
                                       "num_iterations": 20000}),
         # twice the updates on the 8x8 cases furthest off at 20 000 (J and PCD agree there: the
         # model's error); the cheap analogue of the longer MNIST training that runs 7-8 call for
-        ("digits_40k_seed2", {"kind": "run", "source": "digits", "seed": 2, "num_iterations": 40000}),
         ("digits_40k_seed1", {"kind": "run", "source": "digits", "seed": 1, "num_iterations": 40000}),
+        ("digits_40k_seed2", {"kind": "run", "source": "digits", "seed": 2, "num_iterations": 40000}),
         ("digits_40k_classes_179_seed1", {"kind": "run", "source": "digits", "seed": 1, "classes": [1, 7, 9],
                                           "num_iterations": 40000}),
         ("mnist_diagnosis_defaults", {"kind": "diagnosis", **mnist, "seed": 0}),
