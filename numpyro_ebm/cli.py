@@ -314,7 +314,8 @@ def _add_digit_subset_options(p: argparse.ArgumentParser, d) -> None:
 def _add_sgd_options(p: argparse.ArgumentParser, d) -> None:
     """Weight decay and gradient clipping of the SGD optimiser."""
     p.add_argument(
-        "--weight-decay", type=_nonnegative_float, default=d.weight_decay, help="SGD weight decay (default %(default)s)"
+        "--weight-decay", type=_nonnegative_float, default=d.weight_decay,
+        help="weight decay, an L2 penalty on the parameters that changes the objective (default %(default)s)",
     )
     p.add_argument(
         "--clip-norm", type=_positive_float, default=d.clip_norm,

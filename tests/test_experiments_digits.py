@@ -146,3 +146,19 @@ def test_num_mcmc_steps_and_adaptive_schedule_reach_fit():
     assert 1 <= int(trace["num_substeps"].max()) <= 3
     assert "num_substeps" not in results["pcd"]["result"].trace
     assert digits.summary(results)["config"]["num_mcmc_steps"] == 2
+
+
+def test_default_optimiser_follows_the_cross_entropy_alone():
+    """The 8x8 default is the theory's objective: the step is -lr times the clipped
+    cross-entropy gradient, with no pull towards theta = 0; ``weight_decay`` (an L2 penalty,
+    which changes the objective) adds -lr * weight_decay * theta and only when asked for."""
+    params = {"w": jnp.full(4, 2.0)}
+    grads = {"w": jnp.full(4, 0.1)}  # norm 0.2, below the clip
+    lr = digits.DigitsConfig().learning_rate
+    for weight_decay, expected in ((None, -lr * 0.1), (0.05, -lr * (0.1 + 0.05 * 2.0))):
+        config = digits.DigitsConfig(learning_rate_schedule="constant")
+        if weight_decay is not None:
+            config = dataclasses.replace(config, weight_decay=weight_decay)
+        optimizer = digits._optimizer(config)
+        updates, _ = optimizer.update(grads, optimizer.init(params), params)
+        np.testing.assert_allclose(updates["w"], expected, rtol=1e-5)
