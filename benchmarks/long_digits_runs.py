@@ -120,6 +120,11 @@ def jobs(mnist_dir: str, smoke: bool) -> list[tuple[str, dict]]:
         ("mnist_no_weight_decay_seed0", {"kind": "run", **mnist, "seed": 0, "weight_decay": 0.0}),
         ("mnist_no_step_size_adaptation_seed0", {"kind": "run", **mnist, "seed": 0, "target_acceptance": None}),
     ]
+    # the jobs made before run 9 ran at weight decay 0.05 (the default until then): they keep
+    # it, so that their commands reproduce the figures recorded for them
+    for _, spec in listed:
+        if "weight_decay" not in spec and spec.get("preset") != "authors":
+            spec["weight_decay"] = 0.05
     if smoke:
         for _, spec in listed:
             spec.update(num_iterations=60, num_walkers=64, num_snapshots=3)
