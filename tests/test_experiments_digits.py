@@ -149,7 +149,7 @@ def test_num_mcmc_steps_and_adaptive_schedule_reach_fit():
 
 
 def test_default_optimiser_follows_the_cross_entropy_alone():
-    """The 8x8 default is the theory's objective: the step is -lr times the clipped
+    """The default is the theory's objective: the step is -lr times the clipped
     cross-entropy gradient, with no pull towards theta = 0; ``weight_decay`` (an L2 penalty,
     which changes the objective) adds -lr * weight_decay * theta and only when asked for."""
     params = {"w": jnp.full(4, 2.0)}
