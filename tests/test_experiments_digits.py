@@ -154,11 +154,12 @@ def test_default_optimiser_follows_the_cross_entropy_alone():
     which changes the objective) adds -lr * weight_decay * theta and only when asked for."""
     params = {"w": jnp.full(4, 2.0)}
     grads = {"w": jnp.full(4, 0.1)}  # norm 0.2, below the clip
-    lr = digits.DigitsConfig().learning_rate
-    for weight_decay, expected in ((None, -lr * 0.1), (0.05, -lr * (0.1 + 0.05 * 2.0))):
-        config = digits.DigitsConfig(learning_rate_schedule="constant")
-        if weight_decay is not None:
-            config = dataclasses.replace(config, weight_decay=weight_decay)
-        optimizer = digits._optimizer(config)
-        updates, _ = optimizer.update(grads, optimizer.init(params), params)
-        np.testing.assert_allclose(updates["w"], expected, rtol=1e-5)
+    for base in (digits.DigitsConfig(), digits.mnist_defaults("unused")):
+        lr = base.learning_rate
+        for weight_decay, expected in ((None, -lr * 0.1), (0.05, -lr * (0.1 + 0.05 * 2.0))):
+            config = dataclasses.replace(base, learning_rate_schedule="constant")
+            if weight_decay is not None:
+                config = dataclasses.replace(config, weight_decay=weight_decay)
+            optimizer = digits._optimizer(config)
+            updates, _ = optimizer.update(grads, optimizer.init(params), params)
+            np.testing.assert_allclose(updates["w"], expected, rtol=1e-5)
