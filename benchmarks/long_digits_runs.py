@@ -108,6 +108,14 @@ def jobs(mnist_dir: str, smoke: bool) -> list[tuple[str, dict]]:
         # MNIST at the defaults (3 x 10^4 updates) without weight decay: run 7 (seed 0) without it
         ("mnist_30k_wd0_seed0_probe_jarzynski", {"kind": "run", **mnist, "seed": 0, "num_iterations": 30000,
                                                  "methods": ["jarzynski"], "weight_decay": 0.0}),
+        # ... and its second seed (session 14)
+        ("mnist_30k_wd0_seed1_probe_jarzynski", {"kind": "run", **mnist, "seed": 1, "num_iterations": 30000,
+                                                 "methods": ["jarzynski"], "weight_decay": 0.0}),
+        # half the rate over the same 20 000 iterations, both methods: does the smaller step alone
+        # (half the sum of the rate) cut the mid-run error without leaving the tail unconverged?
+        *[(f"digits_wd0_lr00025_{case}", {**digits_20k, "weight_decay": 0.0, "learning_rate": 0.0025,
+                                           **cases[case]})
+          for case in ("seed0", "classes_048_seed0", "seed1", "seed2", "classes_179_seed0", "classes_179_seed1")],
         ("mnist_diagnosis_defaults", {"kind": "diagnosis", **mnist, "seed": 0}),
         ("mnist_diagnosis_old_defaults", {"kind": "diagnosis", **mnist, "seed": 0, "num_walkers": 1024,
                                           "num_iterations": 4000, "learning_rate": 0.005,

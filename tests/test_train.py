@@ -100,6 +100,30 @@ def test_results_do_not_depend_on_chunk_size():
     np.testing.assert_array_equal(a.trace["ess"], b.trace["ess"])
 
 
+class _ChunkStarts:
+    def __init__(self):
+        self.starts = []
+
+    def on_chunk(self, ctx, chunk):
+        self.starts.append((chunk.start, chunk.length, chunk.snapshots is not None))
+
+
+def test_snapshots_further_apart_than_a_chunk_keep_the_chunk_length():
+    """Snapshots every 10 iterations with chunks of 4: callbacks hear from the run every 4
+    iterations at most (pieces 4, 3, 3 per block; the first takes the snapshot), and the
+    result, snapshots included, equals that of one chunk holding the whole run."""
+    a_calls, b_calls = _ChunkStarts(), _ChunkStarts()
+    a = run("jarzynski", num_iterations=23, callbacks=[cbs.Snapshots(10), a_calls])
+    b = run("jarzynski", num_iterations=23, chunk_size=4, callbacks=[cbs.Snapshots(10), b_calls])
+    assert b_calls.starts == [(0, 4, True), (4, 3, False), (7, 3, False), (10, 4, True),
+                              (14, 3, False), (17, 3, False), (20, 3, True)]
+    assert all(length <= 4 for _, length, _ in b_calls.starts)
+    for x, y in zip(jax.tree.leaves((a.params, a.state, a.trace)),
+                    jax.tree.leaves((b.params, b.state, b.trace)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    np.testing.assert_array_equal(b.trace["snapshots"]["iteration"], [0, 10, 20])
+
+
 def test_kernel_string_equals_the_default_kernel_object():
     """``kernel="jarzynski", step_size=h`` is ``kernel=jarzynski_ula.walker_kernel(h)``."""
     a = run("jarzynski", num_iterations=8)

@@ -212,7 +212,8 @@ def run(
 ) -> RunResult:
     """Run ``trainer.step`` from ``state`` until iteration ``state.iteration +
     num_iterations``, in jitted chunks of ``chunk_size`` iterations (default
-    ``min(num_iterations, 250)``), calling each callback's ``on_start``, ``on_chunk`` and
+    ``min(num_iterations, 250)``; snapshot blocks longer than that run in pieces of at
+    most ``chunk_size``), calling each callback's ``on_start``, ``on_chunk`` and
     ``on_end`` (:mod:`numpyro_ebm.training.callbacks`). A callback's ``on_start`` may return
     a ``(state, trace)`` to continue from (a restored checkpoint). A callback that fails in
     ``on_end`` (after training) gives a :class:`CallbackFailedWarning` and the result is
@@ -238,22 +239,21 @@ def run(
     ctx = RunContext(trainer, rng_key, data, start, end, state, trace_so_far)
     try:
         state = _start(ctx, callbacks, state, rows, snaps)
-        pos = int(state.iteration)
+        pos = block_end = int(state.iteration)
         while pos < end:
             remaining = end - pos
             for e in every:
                 remaining = min(remaining, e - pos % e)
             before = state
-            if snapshot_every is None:
-                length = min(chunk, remaining)
-                state, chunk_rows = chunk_fn(state, data, length)
-                chunk_snaps = None
-            else:
-                block_len = min(snapshot_every, remaining)
-                num_blocks = max(1, min(chunk // snapshot_every, remaining // block_len))
-                length = num_blocks * block_len
+            snapshot, num_blocks, block_len, block_end = _next_piece(
+                pos, remaining, chunk, snapshot_every, block_end)
+            length = num_blocks * block_len
+            if snapshot:
                 state, chunk_rows, chunk_snaps = snapshot_fn(state, data, num_blocks, block_len)
                 chunk_snaps = to_host(chunk_snaps)
+            else:
+                state, chunk_rows = chunk_fn(state, data, length)
+                chunk_snaps = None
             chunk_rows = to_host(chunk_rows)
             rows.append(chunk_rows)
             if chunk_snaps is not None:
@@ -269,6 +269,25 @@ def run(
             if hasattr(cb, "close"):
                 cb.close()
     return _finish(ctx, RunResult(state, trace_so_far()), callbacks)
+
+
+def _next_piece(pos, remaining, chunk, snapshot_every, block_end):
+    """``(snapshot, num_blocks, block_len, block_end)`` of the next jitted call, at most
+    ``remaining`` iterations from ``pos``. Snapshot blocks no longer than a chunk go several
+    to a call; a longer block (ending at ``block_end``) runs in near-equal pieces of at most
+    ``chunk`` iterations, the first of which takes the snapshot, so that callbacks hear from
+    the run every ``chunk`` iterations at least."""
+    if snapshot_every is None:
+        return False, 1, min(chunk, remaining), block_end
+    if snapshot_every <= chunk:
+        block_len = min(snapshot_every, remaining)
+        return True, max(1, min(chunk // snapshot_every, remaining // block_len)), block_len, block_end
+    snapshot = pos >= block_end
+    if snapshot:
+        block_end = pos + min(snapshot_every, remaining)
+    left = block_end - pos
+    pieces = -(-left // chunk)
+    return snapshot, 1, -(-left // pieces), block_end
 
 
 def _start(ctx, callbacks, state, rows, snaps):
