@@ -1,0 +1,88 @@
+"""How far the class masses of trained walkers depend on the classifier that reads them.
+
+Trains the experiment's CNN classifier (``train_cnn_classifier``, on the images outside the
+EBM's subset) with several seeds (a different train/test split and initialisation each),
+labels the final walkers saved by ``long_digits_runs.py --save-walkers`` with each, and
+reports per classifier: held-out accuracy, the masses it gives the EBM's own training subset
+(truth up to its errors), and the weighted and unweighted masses of the walkers; then the
+fraction of walkers (and of their weight) on which the classifiers' labels differ. A spread
+of the walker masses across equally accurate classifiers is a floor under any mass error
+that the classifier can resolve.
+
+    python benchmarks/classifier_agreement.py --walkers DIR/<job>_walkers.npz \\
+        --mnist-dir ../shared/data/mnist --seed 1 --out DIR/<job>_classifiers
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import numpy as np
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--walkers", required=True, help="a <job>_walkers.npz of long_digits_runs.py")
+    parser.add_argument("--mnist-dir", required=True)
+    parser.add_argument("--seed", type=int, required=True, help="the job's seed (it draws the subset)")
+    parser.add_argument("--method", default="jarzynski")
+    parser.add_argument("--classifier-seeds", default=None, help="comma list (default: seed, seed+10, seed+20)")
+    parser.add_argument("--out", required=True, help="prefix of the .json and .png written")
+    args = parser.parse_args()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from numpyro_ebm.experiments import digits
+    from numpyro_ebm.experiments.digits_classifier import class_masses, train_cnn_classifier
+
+    saved = np.load(args.walkers)
+    x, log_w = saved[f"{args.method}_particles"], saved.get(f"{args.method}_log_weights")
+    config = dataclasses.replace(digits.mnist_defaults(args.mnist_dir), seed=args.seed)
+    data = digits.load_data(config)
+    seeds = ([int(s) for s in args.classifier_seeds.split(",")] if args.classifier_seeds
+             else [args.seed, args.seed + 10, args.seed + 20])
+    rows, labels = [], []
+    for seed in seeds:
+        clf = train_cnn_classifier(data.rest_images, data.rest_labels, data.classes,
+                                   test_fraction=config.classifier_test_fraction, seed=seed)
+        proba = clf.predict_proba(x)
+        labels.append(proba.argmax(1))
+        rows.append({"classifier_seed": seed, "test_accuracy": clf.test_accuracy,
+                     "subset_masses": class_masses(clf.predict_proba(np.asarray(data.images))).tolist(),
+                     "walker_masses": class_masses(proba, log_w).tolist(),
+                     "unweighted_walker_masses": class_masses(proba).tolist()})
+        print(json.dumps(rows[-1]), flush=True)
+    labels = np.stack(labels)
+    agree = np.all(labels == labels[0], axis=0)
+    w = np.ones(len(x)) if log_w is None else np.exp(log_w - np.max(log_w))
+    w = w / w.sum()
+    masses = np.array([r["walker_masses"] for r in rows])
+    summary = {"walkers": args.walkers, "seed": args.seed, "classes": list(data.classes),
+               "truth": (np.array(data.proportions) / np.sum(data.proportions)).tolist(),
+               "classifiers": rows, "fraction_agreeing": float(agree.mean()),
+               "weight_disagreeing": float(w[~agree].sum()),
+               "walker_mass_spread": (masses.max(0) - masses.min(0)).tolist()}
+    with open(args.out + ".json", "w") as fh:
+        json.dump(summary, fh, indent=1)
+    print(json.dumps({k: v for k, v in summary.items() if k != "classifiers"}))
+
+    shown = list(np.where(~agree)[0][:16]) + list(np.where(agree)[0][:16])
+    fig, axes = plt.subplots(4, 8, figsize=(10, 6))
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, j in zip(axes.flat, shown, strict=False):
+        ax.imshow(x[j], cmap="gray")
+        ax.set_title("/".join(str(data.classes[c]) for c in labels[:, j]), fontsize=8)
+    fig.suptitle(f"final walkers; rows 1-2: the {len(seeds)} classifiers disagree, rows 3-4: they agree\n"
+                 f"(titles: labels by classifier seeds {', '.join(map(str, seeds))})", fontsize=9)
+    fig.savefig(args.out + ".png", dpi=90, bbox_inches="tight")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
