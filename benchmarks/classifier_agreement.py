@@ -1,16 +1,18 @@
 """How far the class masses of trained walkers depend on the classifier that reads them.
 
-Trains the experiment's CNN classifier (``train_cnn_classifier``, on the images outside the
-EBM's subset) with several seeds (a different train/test split and initialisation each),
-labels the final walkers saved by ``long_digits_runs.py --save-walkers`` with each, and
-reports per classifier: held-out accuracy, the masses it gives the EBM's own training subset
-(truth up to its errors), and the weighted and unweighted masses of the walkers; then the
-fraction of walkers (and of their weight) on which the classifiers' labels differ. A spread
-of the walker masses across equally accurate classifiers is a floor under any mass error
-that the classifier can resolve.
+Trains the experiment's classifier (the CNN for MNIST, the logistic regression for the 8x8
+digits; on the images outside the EBM's subset) with several seeds (each a different
+train/test split, and for the CNN a different initialisation), labels the final walkers
+saved by ``long_digits_runs.py --save-walkers`` with each, and reports per classifier:
+held-out accuracy, the masses it gives the EBM's own training subset (truth up to its
+errors), and the weighted and unweighted masses of the walkers; then the fraction of
+walkers (and of their weight) on which the classifiers' labels differ. A spread of the
+walker masses across equally accurate classifiers is a floor under any mass error that the
+classifier can resolve.
 
     python benchmarks/classifier_agreement.py --walkers DIR/<job>_walkers.npz \\
         --mnist-dir ../shared/data/mnist --seed 1 --out DIR/<job>_classifiers
+    python benchmarks/classifier_agreement.py --source digits --classes 2,3,6 --walkers ... --seed 1 --out ...
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import numpy as np
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--walkers", required=True, help="a <job>_walkers.npz of long_digits_runs.py")
-    parser.add_argument("--mnist-dir", required=True)
+    parser.add_argument("--source", choices=("mnist", "digits"), default="mnist")
+    parser.add_argument("--mnist-dir", default=None, help="with --source mnist")
+    parser.add_argument("--classes", default="2,3,6", help="the job's digits, comma list (4:2:1)")
     parser.add_argument("--seed", type=int, required=True, help="the job's seed (it draws the subset)")
     parser.add_argument("--method", default="jarzynski")
     parser.add_argument("--classifier-seeds", default=None, help="comma list (default: seed, seed+10, seed+20)")
@@ -38,17 +42,21 @@ def main() -> int:
     import matplotlib.pyplot as plt
 
     from numpyro_ebm.experiments import digits
-    from numpyro_ebm.experiments.digits_classifier import class_masses, train_cnn_classifier
+    from numpyro_ebm.experiments.digits_classifier import class_masses, train_classifier, train_cnn_classifier
 
     saved = np.load(args.walkers)
     x, log_w = saved[f"{args.method}_particles"], saved.get(f"{args.method}_log_weights")
-    config = dataclasses.replace(digits.mnist_defaults(args.mnist_dir), seed=args.seed)
+    if args.source == "mnist" and not args.mnist_dir:
+        parser.error("--source mnist needs --mnist-dir")
+    base = digits.mnist_defaults(args.mnist_dir) if args.source == "mnist" else digits.DigitsConfig()
+    config = dataclasses.replace(base, seed=args.seed, classes=tuple(int(c) for c in args.classes.split(",")))
+    train = train_cnn_classifier if config.classifier == "cnn" else train_classifier
     data = digits.load_data(config)
     seeds = ([int(s) for s in args.classifier_seeds.split(",")] if args.classifier_seeds
              else [args.seed, args.seed + 10, args.seed + 20])
     rows, labels = [], []
     for seed in seeds:
-        clf = train_cnn_classifier(data.rest_images, data.rest_labels, data.classes,
+        clf = train(data.rest_images, data.rest_labels, data.classes,
                                    test_fraction=config.classifier_test_fraction, seed=seed)
         proba = clf.predict_proba(x)
         labels.append(proba.argmax(1))
