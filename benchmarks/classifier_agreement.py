@@ -35,6 +35,8 @@ def main() -> int:
     parser.add_argument("--classifier-seeds", default=None, help="comma list (default: seed, seed+10, seed+20)")
     parser.add_argument("--out", required=True, help="prefix of the .json and .png written")
     args = parser.parse_args()
+    if args.source == "mnist" and not args.mnist_dir:
+        parser.error("--source mnist needs --mnist-dir")
 
     import matplotlib
 
@@ -46,8 +48,6 @@ def main() -> int:
 
     saved = np.load(args.walkers)
     x, log_w = saved[f"{args.method}_particles"], saved.get(f"{args.method}_log_weights")
-    if args.source == "mnist" and not args.mnist_dir:
-        parser.error("--source mnist needs --mnist-dir")
     base = digits.mnist_defaults(args.mnist_dir) if args.source == "mnist" else digits.DigitsConfig()
     config = dataclasses.replace(base, seed=args.seed, classes=tuple(int(c) for c in args.classes.split(",")))
     train = train_cnn_classifier if config.classifier == "cnn" else train_classifier
@@ -57,7 +57,7 @@ def main() -> int:
     rows, labels = [], []
     for seed in seeds:
         clf = train(data.rest_images, data.rest_labels, data.classes,
-                                   test_fraction=config.classifier_test_fraction, seed=seed)
+                    test_fraction=config.classifier_test_fraction, seed=seed)
         proba = clf.predict_proba(x)
         labels.append(proba.argmax(1))
         rows.append({"classifier_seed": seed, "test_accuracy": clf.test_accuracy,

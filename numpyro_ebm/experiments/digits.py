@@ -217,7 +217,8 @@ def mnist_defaults(data_dir: str | None = None) -> DigitsConfig:
     3 x 10^4 0.067 / 0.070 (1024 walkers, seeds 0 / 1) and 0.057 / 0.061 (512 walkers), the
     weights healthy in every run, the 0.03 target still unmet (``docs/digits.md``, runs 4-8,
     all with weight decay 0.05). No weight decay (the theory's objective, since run 9): 0.035
-    at seed 0 over 3 x 10^4 updates, the weights healthy; seed 1 not yet measured.
+    / 0.063 at seeds 0 / 1 over 3 x 10^4 updates, the weights healthy (runs 9-10; the
+    classifiers' reading of digits 2 and 3 on the walkers is itself uncertain by ~0.1).
     The classifier labels the walkers every 10th iteration: on 1024 28x28 images it costs
     about as much as the training step (74 ms against ~100 ms on a 2-core CPU), and the
     masses of consecutive iterations barely differ (the tail average over the last 6000
