@@ -44,7 +44,12 @@ def main() -> int:
     import matplotlib.pyplot as plt
 
     from numpyro_ebm.experiments import digits
-    from numpyro_ebm.experiments.digits_classifier import class_masses, train_classifier, train_cnn_classifier
+    from numpyro_ebm.experiments.digits_classifier import (
+        class_masses,
+        mass_readout,
+        train_classifier,
+        train_cnn_classifier,
+    )
 
     saved = np.load(args.walkers)
     x, log_w = saved[f"{args.method}_particles"], saved.get(f"{args.method}_log_weights")
@@ -54,10 +59,11 @@ def main() -> int:
     data = digits.load_data(config)
     seeds = ([int(s) for s in args.classifier_seeds.split(",")] if args.classifier_seeds
              else [args.seed, args.seed + 10, args.seed + 20])
-    rows, labels = [], []
+    rows, labels, classifiers = [], [], []
     for seed in seeds:
         clf = train(data.rest_images, data.rest_labels, data.classes,
                     test_fraction=config.classifier_test_fraction, seed=seed)
+        classifiers.append(clf)
         proba = clf.predict_proba(x)
         labels.append(proba.argmax(1))
         rows.append({"classifier_seed": seed, "test_accuracy": clf.test_accuracy,
@@ -67,14 +73,12 @@ def main() -> int:
         print(json.dumps(rows[-1]), flush=True)
     labels = np.stack(labels)
     agree = np.all(labels == labels[0], axis=0)
-    w = np.ones(len(x)) if log_w is None else np.exp(log_w - np.max(log_w))
-    w = w / w.sum()
-    masses = np.array([r["walker_masses"] for r in rows])
+    readout = mass_readout(classifiers, x, log_w)
     summary = {"walkers": args.walkers, "seed": args.seed, "classes": list(data.classes),
                "truth": (np.array(data.proportions) / np.sum(data.proportions)).tolist(),
                "classifiers": rows, "fraction_agreeing": float(agree.mean()),
-               "weight_disagreeing": float(w[~agree].sum()),
-               "walker_mass_spread": (masses.max(0) - masses.min(0)).tolist()}
+               "weight_disagreeing": 1.0 - readout["classifier_agreement"],
+               "walker_mass_spread": readout["classifier_spread"].tolist()}
     with open(args.out + ".json", "w") as fh:
         json.dump(summary, fh, indent=1)
     print(json.dumps({k: v for k, v in summary.items() if k != "classifiers"}))

@@ -116,6 +116,17 @@ def jobs(mnist_dir: str, smoke: bool) -> list[tuple[str, dict]]:
         *[(f"digits_wd0_lr00025_{case}", {**digits_20k, "weight_decay": 0.0, "learning_rate": 0.0025,
                                            **cases[case]})
           for case in ("seed0", "classes_048_seed0", "seed1", "seed2", "classes_179_seed0", "classes_179_seed1")],
+        # a rate that follows the run length (session 15): the sum of the rate fixed at the
+        # 8000-iteration default's (0.005 decayed linearly to 0: sum 20), so a longer run takes
+        # smaller steps to the same place. 20 000 iterations at lr 0.002, both methods, and
+        # 12 000 at 0.00333 (Jarzynski), the six cases
+        *[(f"digits_lrsum20_{case}", {**digits_20k, "weight_decay": 0.0, "learning_rate": 0.002,
+                                       **cases[case]})
+          for case in ("seed0", "seed1", "classes_048_seed0", "seed2", "classes_179_seed0", "classes_179_seed1")],
+        *[(f"digits_12k_lrsum20_{case}_jarzynski",
+           {**digits_20k, "num_iterations": 12000, "weight_decay": 0.0, "learning_rate": 40 / 12000,
+            "methods": ["jarzynski"], **cases[case]})
+          for case in ("seed0", "seed1", "classes_048_seed0", "seed2", "classes_179_seed0", "classes_179_seed1")],
         ("mnist_diagnosis_defaults", {"kind": "diagnosis", **mnist, "seed": 0}),
         ("mnist_diagnosis_old_defaults", {"kind": "diagnosis", **mnist, "seed": 0, "num_walkers": 1024,
                                           "num_iterations": 4000, "learning_rate": 0.005,
@@ -131,6 +142,11 @@ def jobs(mnist_dir: str, smoke: bool) -> list[tuple[str, dict]]:
     for _, spec in listed:
         if "weight_decay" not in spec and spec.get("preset") != "authors":
             spec["weight_decay"] = 0.05
+    # ... and the 8x8 jobs made before session 15 ran at the then default lr 0.005, which the
+    # default now keeps only up to 8000 iterations (digits.peak_learning_rate)
+    for _, spec in listed:
+        if spec["source"] == "digits" and "learning_rate" not in spec:
+            spec["learning_rate"] = 0.005
     if smoke:
         for _, spec in listed:
             spec.update(num_iterations=60, num_walkers=64, num_snapshots=3)
@@ -173,7 +189,7 @@ def run_job(name: str, spec: dict, out: str, smoke: bool, save_walkers: bool = F
         record["normalized_ess_every_10"] = result["trace"]["normalized_ess"][::10].tolist()
         dd.plot_increment_split(result["trace"], os.path.join(out, f"{name}.png"),
                                 title=f"{name}: MNIST 2/3/6, {config.num_walkers} walkers, "
-                                f"{config.num_iterations} iterations, lr {config.learning_rate} "
+                                f"{config.num_iterations} iterations, lr {digits.peak_learning_rate(config):.4g} "
                                 f"({config.learning_rate_schedule}), target acceptance {config.target_acceptance}")
     else:
         results = digits.run(config, progress=progress)

@@ -62,7 +62,7 @@ def _add_training_options(
     )
     p.add_argument(
         "--learning-rate", type=_positive_float, default=d.learning_rate,
-        help=f"{learning_rate_help} (default %(default)s)",
+        help=learning_rate_help + (" (default %(default)s)" if d.learning_rate is not None else ""),
     )
     p.add_argument("--methods", type=_methods, default=d.methods, help=methods_help)
     p.add_argument("--seed", type=_seed, default=d.seed, help="PRNG seed (default %(default)s)")
@@ -367,6 +367,9 @@ def _add_long_run_options(p: argparse.ArgumentParser, d) -> None:
                    "(default %(default)s)")
     p.add_argument("--classifier", choices=("logistic", "cnn"), default=d.classifier,
                    help="classifier that labels the walkers (default %(default)s)")
+    p.add_argument("--num-classifiers", type=_positive_int, default=d.num_classifiers,
+                   help="classifiers (different seeds) that read the final walkers; the spread of their masses "
+                   "is reported beside the error (default %(default)s)")
     p.add_argument("--label-every", type=_positive_int, default=d.label_every,
                    help="label the walkers every this many iterations (default %(default)s)")
     p.add_argument("--preset", choices=("theory", "authors"), default="theory",
@@ -384,7 +387,10 @@ def _add_digits_like(sub: argparse._SubParsersAction, name: str) -> None:
     _add_digit_subset_options(p, d)
     p.add_argument("--hidden", type=_positive_int, default=d.hidden, help="hidden units (default %(default)s)")
     _add_training_options(
-        p, d, output_dir=os.path.join("results", name), learning_rate_help="SGD learning rate",
+        p, d, output_dir=os.path.join("results", name),
+        learning_rate_help="SGD learning rate at the first iteration"
+        + ("" if d.learning_rate is not None else " (default: 0.005 up to 8000 iterations, 40/iterations up to "
+           "16 000, 0.0025 beyond; experiments.digits.peak_learning_rate)"),
         methods_help="comma-separated subset of jarzynski,pcd,cd (default jarzynski,pcd)",
     )
     _add_sgd_options(p, d)
@@ -408,7 +414,7 @@ def _run_digits_like(args: argparse.Namespace) -> int:
         learning_rate_schedule=args.learning_rate_schedule, target_acceptance=args.target_acceptance,
         acceptance_probe_every=args.acceptance_probe_every, optimizer=args.optimizer,
         rejuvenation_moves=args.rejuvenation_moves, energy_penalty=args.energy_penalty, classifier=args.classifier,
-        label_every=args.label_every,
+        num_classifiers=args.num_classifiers, label_every=args.label_every,
     )
     if mnist:
         changes.update(data_dir=args.data_dir, split=args.split, model=args.model, channels=args.channels)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from numpyro_ebm import cli
+from numpyro_ebm.experiments import digits
 
 MNIST_DIR = Path(__file__).parents[1].parent / "shared/data/mnist"
 TINY = ["--num-walkers", "40", "--num-iterations", "20", "--hidden", "16", "--no-progress"]
@@ -82,7 +83,6 @@ def test_mnist_command_on_the_shared_test_set(tmp_path, capsys):
 def test_acceptance_probe_every_reaches_the_config(monkeypatch, tmp_path):
     """Both commands probe MALA's acceptance every 10th iteration by default;
     ``--acceptance-probe-every none`` goes back to the proxy."""
-    from numpyro_ebm.experiments import digits
 
     seen = []
 
@@ -105,7 +105,6 @@ def test_optimizer_reaches_the_config_and_the_run(monkeypatch):
     gradient (0.0005)."""
     import jax.numpy as jnp
 
-    from numpyro_ebm.experiments import digits
 
     seen = []
 
@@ -120,9 +119,24 @@ def test_optimizer_reaches_the_config_and_the_run(monkeypatch):
     params = {"w": jnp.zeros(4)}
     grads = {"w": jnp.full(4, 0.1)}
     for name, expected in (("adam", -0.005), ("sgd", -0.0005)):
-        optimizer = digits._optimizer(digits.DigitsConfig(optimizer=name, weight_decay=0.0))
+        optimizer = digits.make_optimizer(digits.DigitsConfig(optimizer=name, weight_decay=0.0))
         updates, _ = optimizer.update(grads, optimizer.init(params), params)
         np.testing.assert_allclose(updates["w"], expected, rtol=1e-4)
+
+
+def test_digits_learning_rate_follows_the_length_unless_given(monkeypatch):
+    seen = []
+
+    def stop(config):
+        seen.append((digits.peak_learning_rate(config), config.num_classifiers))
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(digits, "load_data", stop)
+    cli.main(["digits"])
+    cli.main(["digits", "--num-iterations", "20000", "--num-classifiers", "1"])
+    cli.main(["digits", "--num-iterations", "20000", "--learning-rate", "0.004"])
+    cli.main(["mnist", "--data-dir", "unused", "--num-iterations", "1000"])
+    assert seen == [(0.005, 3), (0.0025, 1), (0.004, 3), (0.002, 3)]
 
 
 def test_mnist_command_names_a_missing_directory(tmp_path, capsys):
@@ -163,7 +177,6 @@ def test_digits_command_rejects_inexact_proportions(tmp_path, capsys):
 def test_digits_command_with_the_authors_preset(monkeypatch, capsys):
     """--preset authors replaces the sampler/optimiser settings (outside the theory) and keeps
     the others (iterations, seed); the run itself is stopped at the data loading."""
-    from numpyro_ebm.experiments import digits
 
     seen = {}
 
@@ -183,7 +196,6 @@ def test_digits_command_with_the_authors_preset(monkeypatch, capsys):
 def test_label_every_reaches_the_config(monkeypatch, tmp_path):
     """``mnist`` labels the walkers every 10th iteration by default, ``digits`` at every one;
     ``--label-every`` overrides both."""
-    from numpyro_ebm.experiments import digits
 
     seen = []
 

@@ -90,6 +90,17 @@ def test_tiny_run_reports_masses_and_cross_entropy():
     np.testing.assert_allclose(results["pcd"]["tail_mass_standard_error"],
                                np.sqrt(tail * (1 - tail) / TINY.num_walkers).mean(0), rtol=1e-3)
     assert "MC standard error" in table
+    # three classifiers (seeds 0, 10, 20) read the final walkers; the first is the one that
+    # labels them in the loop, so its masses are the final masses
+    assert len(results["classifiers"]) == 3 and results["classifiers"][0] is results["classifier"]
+    for method in ("jarzynski", "pcd"):
+        r = results[method]
+        assert r["masses_by_classifier"].shape == (3, 3)
+        np.testing.assert_allclose(r["masses_by_classifier"][0], r["masses"])
+        np.testing.assert_allclose(r["classifier_spread"], np.ptp(r["masses_by_classifier"], axis=0))
+        assert 0.0 <= r["classifier_agreement"] <= 1.0
+        assert summary["methods"][method]["classifier_spread"] == r["classifier_spread"].tolist()
+    assert "classifier spread" in table
     assert 0.0 < jz["min_lineage_fraction"] <= 1.0
     # the default adapts h from a probe of MALA's acceptance every 10 iterations, starting
     # at the given h: h changes only after a probe (iterations 0, 10, 20)
@@ -102,8 +113,11 @@ def test_tiny_run_reports_masses_and_cross_entropy():
 def test_labels_every_few_iterations_feed_the_tail_figures():
     """``label_every=4``: the classifier's masses at iterations 0, 4, ..., 28 only (no
     missing rows), and the tail average is that of the labelled rows in the last 20%."""
-    config = dataclasses.replace(TINY, label_every=4, methods=("pcd",))
-    r = digits.run(config)["pcd"]
+    config = dataclasses.replace(TINY, label_every=4, methods=("pcd",), num_classifiers=1)
+    results = digits.run(config)
+    r = results["pcd"]
+    assert "classifier spread" not in digits.format_table(results)  # one classifier: no spread
+    np.testing.assert_array_equal(r["classifier_spread"], 0.0)
     np.testing.assert_array_equal(r["mass_trace_iterations"], np.arange(0, 30, 4))
     assert r["mass_trace"].shape == (8, 3) and np.all(np.isfinite(r["mass_trace"]))
     np.testing.assert_allclose(r["mass_trace"].sum(1), 1.0, atol=1e-5)
@@ -119,6 +133,7 @@ def test_labels_every_few_iterations_feed_the_tail_figures():
         (dict(num_walkers=1), "num_walkers"),
         (dict(label_every=0), "label_every"),
         (dict(step_size=0.0), "step_size"),
+        (dict(learning_rate=-0.1), "learning_rate"),
         (dict(methods=("sgld",)), "methods"),
         (dict(schedule="linear"), "schedule"),
         (dict(target_ess=1.0), "target_ess"),
@@ -130,6 +145,7 @@ def test_labels_every_few_iterations_feed_the_tail_figures():
         (dict(acceptance_probe_every=0), "acceptance_probe_every"),
         (dict(optimizer="lbfgs"), "optimizer"),
         (dict(rejuvenation_moves=-1), "rejuvenation_moves"),
+        (dict(num_classifiers=0), "num_classifiers"),
     ],
 )
 def test_config_rejects_bad_settings(kwargs, match):
@@ -148,6 +164,31 @@ def test_num_mcmc_steps_and_adaptive_schedule_reach_fit():
     assert digits.summary(results)["config"]["num_mcmc_steps"] == 2
 
 
+@pytest.mark.parametrize(
+    "num_iterations, expected",
+    [(1000, 0.005), (8000, 0.005), (10000, 0.004), (12000, 40 / 12000), (16000, 0.0025), (20000, 0.0025),
+     (100000, 0.0025)],
+)
+def test_default_learning_rate_follows_the_run_length(num_iterations, expected):
+    """lr_0 = min(0.005, max(0.0025, 40 / K)): the sum of the linearly decayed rate (lr_0 K / 2)
+    is 20 between 8000 and 16 000 iterations; an explicit rate is kept at any length; the
+    schedule starts at lr_0 and ends at 0."""
+    config = dataclasses.replace(digits.DigitsConfig(), num_iterations=num_iterations)
+    assert config.learning_rate is None
+    assert digits.peak_learning_rate(config) == pytest.approx(expected, rel=1e-12)
+    schedule = digits.learning_rate(config)
+    assert float(schedule(0)) == pytest.approx(expected, rel=1e-6)
+    assert float(schedule(num_iterations)) == 0.0
+    if 8000 <= num_iterations <= 16000:
+        total = float(jnp.sum(schedule(jnp.arange(num_iterations))))  # lr_0 (K + 1) / 2
+        assert total == pytest.approx(expected * (num_iterations + 1) / 2, rel=1e-4)
+        assert total == pytest.approx(20.0, rel=1e-3)
+    explicit = dataclasses.replace(config, learning_rate=0.001)
+    assert digits.peak_learning_rate(explicit) == 0.001
+    assert digits.learning_rate(dataclasses.replace(explicit, learning_rate_schedule="constant")) == 0.001
+    assert digits.peak_learning_rate(digits.mnist_defaults("unused")) == 0.002
+
+
 def test_default_optimiser_follows_the_cross_entropy_alone():
     """The default is the theory's objective: the step is -lr times the clipped
     cross-entropy gradient, with no pull towards theta = 0; ``weight_decay`` (an L2 penalty,
@@ -155,11 +196,11 @@ def test_default_optimiser_follows_the_cross_entropy_alone():
     params = {"w": jnp.full(4, 2.0)}
     grads = {"w": jnp.full(4, 0.1)}  # norm 0.2, below the clip
     for base in (digits.DigitsConfig(), digits.mnist_defaults("unused")):
-        lr = base.learning_rate
+        lr = digits.peak_learning_rate(base)
         for weight_decay, expected in ((None, -lr * 0.1), (0.05, -lr * (0.1 + 0.05 * 2.0))):
             config = dataclasses.replace(base, learning_rate_schedule="constant")
             if weight_decay is not None:
                 config = dataclasses.replace(config, weight_decay=weight_decay)
-            optimizer = digits._optimizer(config)
+            optimizer = digits.make_optimizer(config)
             updates, _ = optimizer.update(grads, optimizer.init(params), params)
             np.testing.assert_allclose(updates["w"], expected, rtol=1e-5)

@@ -38,3 +38,29 @@ def test_classifier_inputs_are_checked():
         dc.train_classifier(DATA.rest_images, DATA.rest_labels, (2, 3, 7))
     with pytest.raises(ValueError, match="outside `classes`"):
         dc.train_cnn_classifier(DATA.rest_images, DATA.rest_labels, (2, 3))
+
+
+def _fixed(labels_by_row):
+    """A classifier over 3 classes that gives row ``i`` of its input (a column of row
+    indices) the label ``labels_by_row[i]``."""
+    table = jax.numpy.asarray(np.eye(3)[labels_by_row] * 10.0, jax.numpy.float32)
+    return dc.DigitClassifier(lambda x: table[x[:, 0].astype(int)], (2, 3, 6), 1.0, 1, 1)
+
+
+def test_mass_readout_spread_and_agreement_are_exact():
+    """Three classifiers that disagree on rows 1 and 3 of four: each one's masses are its own
+    weighted label shares, the spread is max - min per class, and the agreement is the weight
+    of rows 0 and 2."""
+    rows = np.arange(4, dtype=np.float32)[:, None]
+    classifiers = [_fixed([0, 1, 2, 0]), _fixed([0, 0, 2, 0]), _fixed([0, 1, 2, 1])]
+    w = np.array([0.1, 0.2, 0.3, 0.4])
+    out = dc.mass_readout(classifiers, rows, np.log(w) - 3.0)
+    expected = np.array([[0.5, 0.2, 0.3], [0.7, 0.0, 0.3], [0.1, 0.6, 0.3]])
+    np.testing.assert_allclose(out["masses_by_classifier"], expected, atol=1e-12)
+    np.testing.assert_allclose(out["classifier_spread"], [0.6, 0.6, 0.0], atol=1e-12)
+    assert out["classifier_agreement"] == pytest.approx(0.4)
+    equal = dc.mass_readout(classifiers, rows)  # equal weights
+    assert equal["classifier_agreement"] == pytest.approx(0.5)
+    np.testing.assert_allclose(equal["masses_by_classifier"][0], [0.5, 0.25, 0.25])
+    with pytest.raises(ValueError, match="`classifiers`"):
+        dc.mass_readout([], rows)

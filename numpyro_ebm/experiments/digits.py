@@ -30,11 +30,15 @@ weight increments (see ``docs/digits.md``). A digit classifier
 of those classes that are *not* in the energy model's training subset; its held-out accuracy
 is reported. The class masses of the model are measured as the classifier's hard labels of
 the walkers, weighted by the Jarzynski weights (Jarzynski) or equally (PCD), and set beside
-the truth (the requested proportions).
+the truth (the requested proportions). ``num_classifiers`` classifiers, trained with
+different seeds, read the final walkers; the spread of their masses is reported beside the
+error, since an error smaller than it is not resolved by the classifier.
 
-The energies and the classifier are defined in :mod:`numpyro_ebm.experiments.digits_models`,
-the figures in :mod:`numpyro_ebm.experiments.digits_figures`; their names are importable
-from this module as well.
+The settings are defined in :mod:`numpyro_ebm.experiments.digits_config`, the energies in
+:mod:`numpyro_ebm.experiments.digits_models`, the classifiers in
+:mod:`numpyro_ebm.experiments.digits_classifier`, the figures in
+:mod:`numpyro_ebm.experiments.digits_figures`; their names are importable from this module
+as well.
 """
 
 from __future__ import annotations
@@ -51,16 +55,24 @@ import optax
 
 from numpyro_ebm import kernels
 from numpyro_ebm.datasets import DigitSubset, load_digits, load_mnist
-from numpyro_ebm.experiments.digits_figures import plot, save_figures
-from numpyro_ebm.experiments.digits_models import (
-    ConvEnergy,
+from numpyro_ebm.experiments.digits_classifier import (
     DigitClassifier,
-    MLPEnergy,
     class_masses,
-    make_energy,
+    mass_readout,
     train_classifier,
     train_cnn_classifier,
 )
+from numpyro_ebm.experiments.digits_config import (
+    EXPERIMENT_METHODS,
+    DigitsConfig,
+    authors_preset,
+    learning_rate,
+    make_optimizer,
+    mnist_defaults,
+    peak_learning_rate,
+)
+from numpyro_ebm.experiments.digits_figures import plot, save_figures
+from numpyro_ebm.experiments.digits_models import ConvEnergy, MLPEnergy, make_energy
 from numpyro_ebm.experiments.digits_report import format_table, summary
 from numpyro_ebm.step_size import step_size_adaptation
 from numpyro_ebm.training.callbacks import Snapshots
@@ -86,104 +98,13 @@ __all__ = [
     "authors_preset",
     "make_kernel",
     "make_classifier",
+    "make_classifiers",
+    "mass_readout",
     "learning_rate",
+    "peak_learning_rate",
+    "make_optimizer",
+    "EXPERIMENT_METHODS",
 ]
-
-EXPERIMENT_METHODS = ("jarzynski", "pcd")
-
-
-@dataclasses.dataclass(frozen=True)
-class DigitsConfig:
-    """Settings of the experiment. Defaults: scikit-learn digits 2/3/6 at 4:2:1 (8x8)."""
-
-    source: str = "digits"
-    data_dir: str | None = None
-    split: str = "test"
-    classes: tuple[int, ...] = (2, 3, 6)
-    proportions: tuple[int, ...] = (4, 2, 1)
-    num_samples: int | None = 245
-    model: str = "mlp"
-    hidden: int = 128
-    channels: int = 16
-    num_walkers: int = 2000
-    num_iterations: int = 8000
-    step_size: float = 0.01
-    learning_rate: float = 0.005
-    clip_norm: float = 1.0
-    weight_decay: float = 0.0
-    noise_std: float = 0.15
-    noise_copies: int = 4
-    data_batch_size: int | None = None
-    num_mcmc_steps: int = 1
-    schedule: str = "fixed"
-    target_ess: float = 0.5
-    max_substeps: int = 10
-    ess_threshold: float = 0.5
-    num_snapshots: int = 10
-    learning_rate_schedule: str = "linear"
-    optimizer: str = "sgd"
-    rejuvenation_moves: int = 5
-    target_acceptance: float | None = 0.95
-    acceptance_probe_every: int | None = 10
-    energy_penalty: float = 0.0
-    classifier: str = "logistic"
-    label_every: int = 1
-    preset: str = "theory"
-    classifier_test_fraction: float = 0.3
-    unsure_threshold: float = 0.5
-    methods: tuple[str, ...] = EXPERIMENT_METHODS
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.source not in ("digits", "mnist"):
-            raise ValueError(f"`source` must be 'digits' or 'mnist', got {self.source!r}")
-        if self.source == "mnist" and self.data_dir is None:
-            raise ValueError("`data_dir` is required when `source` is 'mnist'")
-        if self.schedule not in ("fixed", "adaptive"):
-            raise ValueError(f"`schedule` must be 'fixed' or 'adaptive', got {self.schedule!r}")
-        if not 0.0 < self.target_ess < 1.0:
-            raise ValueError(f"`target_ess` must lie in (0, 1), got {self.target_ess}")
-        if self.learning_rate_schedule not in ("constant", "linear"):
-            raise ValueError("`learning_rate_schedule` must be 'constant' or 'linear', got "
-                             f"{self.learning_rate_schedule!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"`optimizer` must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.preset not in ("theory", "authors"):
-            raise ValueError(f"`preset` must be 'theory' or 'authors', got {self.preset!r}")
-        if self.preset == "authors" and "cd" in self.methods:
-            raise ValueError("`preset` 'authors' compares 'jarzynski' and 'pcd' only; remove 'cd' from `methods`")
-        if self.classifier not in ("logistic", "cnn"):
-            raise ValueError(f"`classifier` must be 'logistic' or 'cnn', got {self.classifier!r}")
-        if self.target_acceptance is not None and not 0.0 < self.target_acceptance < 1.0:
-            raise ValueError(f"`target_acceptance` must lie in (0, 1) or be None, got {self.target_acceptance}")
-        if self.acceptance_probe_every is not None and self.acceptance_probe_every < 1:
-            raise ValueError("`acceptance_probe_every` must be a positive integer or None, got "
-                             f"{self.acceptance_probe_every}")
-        if self.rejuvenation_moves < 0 or self.energy_penalty < 0:
-            raise ValueError("`rejuvenation_moves` and `energy_penalty` must be non-negative")
-        if self.model not in ("mlp", "conv"):
-            raise ValueError(f"`model` must be 'mlp' or 'conv', got {self.model!r}")
-        if self.weight_decay < 0 or self.noise_std < 0:
-            raise ValueError("`weight_decay` and `noise_std` must be non-negative")
-        for name in (
-            "hidden", "channels", "num_iterations", "num_snapshots", "label_every", "noise_copies",
-            "num_mcmc_steps", "max_substeps",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}")
-        if self.num_walkers < 2:
-            raise ValueError(f"`num_walkers` must be at least 2, got {self.num_walkers}")
-        for name in ("step_size", "learning_rate", "clip_norm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
-        if not 0.0 < self.classifier_test_fraction < 1.0:
-            raise ValueError(
-                f"`classifier_test_fraction` must lie in (0, 1), got {self.classifier_test_fraction}"
-            )
-        unknown = set(self.methods) - {"jarzynski", "pcd", "cd"}
-        if unknown or not self.methods:
-            raise ValueError(f"`methods` must be a non-empty subset of jarzynski, pcd, cd; got {self.methods}")
-
 
 # ---------------------------------------------------------------------------------------
 # data
@@ -204,77 +125,6 @@ def load_data(config: DigitsConfig) -> DigitSubset:
 # ---------------------------------------------------------------------------------------
 # the experiment
 # ---------------------------------------------------------------------------------------
-
-
-def mnist_defaults(data_dir: str | None = None) -> DigitsConfig:
-    r"""Defaults of the MNIST (28x28) run: a small CNN energy, 1024 walkers and 3 x 10^4
-    updates with the learning rate decayed linearly from 0.002 to 0
-    (:math:`\sum_k \mathrm{lr}_k = 30`), the ULA step size adapted on MALA's probe acceptance,
-    rejuvenation after each resampling, a CNN classifier. Minutes on a GPU, hours on a CPU.
-    The per-step rate keeps the weights healthy (decayed from 0.01 instead, it degenerated them
-    within 400 updates); more updates at that rate moved the model closer: over 10^4
-    updates (sum 10) the Jarzynski class masses ended 0.116 off (MNIST 2/3/6, seed 0), over
-    3 x 10^4 0.067 / 0.070 (1024 walkers, seeds 0 / 1) and 0.057 / 0.061 (512 walkers), the
-    weights healthy in every run, the 0.03 target still unmet (``docs/digits.md``, runs 4-8,
-    all with weight decay 0.05). No weight decay (the theory's objective, since run 9): 0.035
-    / 0.063 at seeds 0 / 1 over 3 x 10^4 updates, the weights healthy (runs 9-10; the
-    classifiers' reading of digits 2 and 3 on the walkers is itself uncertain by ~0.1).
-    The classifier labels the walkers every 10th iteration: on 1024 28x28 images it costs
-    about as much as the training step (74 ms against ~100 ms on a 2-core CPU), and the
-    masses of consecutive iterations barely differ (the tail average over the last 6000
-    iterations rests on 600 labellings)."""
-    return DigitsConfig(
-        source="mnist", data_dir=data_dir if data_dir is not None else "", split="test",
-        num_samples=1400, model="conv", hidden=64, channels=8, num_walkers=1024,
-        num_iterations=30000, step_size=0.01, learning_rate=0.002, weight_decay=0.0, clip_norm=1.0,
-        noise_std=0.0, noise_copies=1, data_batch_size=100, classifier="cnn", label_every=10,
-    )
-
-
-def authors_preset(config: DigitsConfig) -> DigitsConfig:
-    r"""``config`` with the settings of the authors' public MNIST code (OUTSIDE THE THEORY; see
-    :mod:`numpyro_ebm.kernels.authors_ula`): their moves (h = 5e-5 at noise 1e-4, i.e. an
-    effective temperature of 1e-4, 30 steps on 6 random subsets of 256 walkers, pixels kept
-    in [-1, 1]) with weights computed as for noise :math:`\sqrt{2h}`, multinomial resampling
-    when std(w / mean w) > 1.5, Adam (lr 1e-4, beta1 = 0) decayed linearly to 0 over the
-    first 5/6 of the iterations then frozen, gradient clip 1, the squared-energy penalty
-    alpha = 0.01, 1024 walkers, data batch 128; no step-size adaptation, rejuvenation or
-    weight decay. Iterations, data, classes, seed and classifier stay as in ``config``. Not
-    reproduced: their burn-in of 150 epochs before the first resampling, their network and
-    their initial walkers (20 000 ULA steps from uniform noise; here exact draws from the
-    Gaussian start model)."""
-    return dataclasses.replace(
-        config, preset="authors", step_size=5e-5, learning_rate=1e-4, clip_norm=1.0, weight_decay=0.0,
-        energy_penalty=0.01, num_walkers=1024, data_batch_size=128, num_mcmc_steps=30,
-        ess_threshold=kernels.authors_ula.AUTHORS_ESS_THRESHOLD, target_acceptance=None, rejuvenation_moves=0,
-        schedule="fixed",
-    )
-
-
-def _optimizer(config: DigitsConfig) -> optax.GradientTransformation:
-    """Clipping, weight decay (an L2 penalty: it changes the objective), then SGD
-    (``optimizer="sgd"``) or Adam with optax's defaults
-    (``"adam"``: each coordinate's step scaled by its own gradient size, about ``learning_rate``
-    per coordinate, so ``learning_rate * sqrt(num_parameters)`` in norm where SGD's clipped
-    step is at most ``learning_rate * clip_norm``); ``preset="authors"``: the authors' Adam."""
-    if config.preset == "authors":
-        frozen_after = max(1, (5 * config.num_iterations) // 6)
-        return optax.chain(optax.clip_by_global_norm(config.clip_norm),
-                           optax.adam(optax.linear_schedule(config.learning_rate, 0.0, frozen_after), b1=0.0))
-    step = optax.sgd if config.optimizer == "sgd" else optax.adam
-    return optax.chain(
-        optax.clip_by_global_norm(config.clip_norm),
-        optax.add_decayed_weights(config.weight_decay),
-        step(learning_rate(config)),
-    )
-
-
-def learning_rate(config: DigitsConfig):
-    """The learning rate: ``config.learning_rate``, constant, or (``"linear"``) decayed
-    linearly to 0 at the last iteration (:func:`optax.linear_schedule`)."""
-    if config.learning_rate_schedule == "linear":
-        return optax.linear_schedule(config.learning_rate, 0.0, config.num_iterations)
-    return config.learning_rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,7 +163,7 @@ def _fit_inputs(config: DigitsConfig, potential_fn: Callable, params: Any, base:
         return mean + scale * jax.random.normal(key, (n, *mean.shape), mean.dtype)
 
     train_images = _training_images(config, images)
-    optimizer = _optimizer(config)
+    optimizer = make_optimizer(config)
     batch_size = None
     if config.data_batch_size is not None and config.data_batch_size < len(train_images):
         batch_size = config.data_batch_size
@@ -400,8 +250,9 @@ def _tail_figures(config: DigitsConfig, entry: dict[str, Any], truth: np.ndarray
 
 
 def _method_entry(config: DigitsConfig, method: str, result: FitResult, wall: float,
-                  classifier: DigitClassifier, truth: np.ndarray) -> dict[str, Any]:
+                  classifiers: list[DigitClassifier], truth: np.ndarray) -> dict[str, Any]:
     """The per-method part of :func:`run`'s output (see there)."""
+    classifier = classifiers[0]
     weighted = method == "jarzynski"
     particles = np.asarray(result.state.particles)
     log_weights = np.asarray(result.state.log_weights) if weighted else None
@@ -425,6 +276,7 @@ def _method_entry(config: DigitsConfig, method: str, result: FitResult, wall: fl
         "final_data_energy": float(trace["data_energy"][-1]),
         "wall_time": wall,
     }
+    entry.update(mass_readout(classifiers, particles, log_weights))
     entry.update(_tail_figures(config, entry, truth))
     if weighted:
         entry["cross_entropy"] = np.asarray(trace["cross_entropy"])
@@ -436,11 +288,20 @@ def _method_entry(config: DigitsConfig, method: str, result: FitResult, wall: fl
     return entry
 
 
-def make_classifier(config: DigitsConfig, data: DigitSubset) -> DigitClassifier:
-    """The classifier ``config.classifier`` names, trained on the images outside the subset."""
+def make_classifier(config: DigitsConfig, data: DigitSubset, seed: int | None = None) -> DigitClassifier:
+    """The classifier ``config.classifier`` names, trained on the images outside the subset,
+    with ``seed`` (its train/test split and, for the CNN, its initialisation; default
+    ``config.seed``)."""
     train = train_cnn_classifier if config.classifier == "cnn" else train_classifier
     return train(data.rest_images, data.rest_labels, data.classes,
-                 test_fraction=config.classifier_test_fraction, seed=config.seed)
+                 test_fraction=config.classifier_test_fraction, seed=config.seed if seed is None else seed)
+
+
+def make_classifiers(config: DigitsConfig, data: DigitSubset) -> list[DigitClassifier]:
+    """``config.num_classifiers`` classifiers, with seeds ``config.seed + 10 i``; the first
+    (:func:`make_classifier`'s) labels the walkers during training, all of them read the
+    final walkers (:func:`mass_readout`)."""
+    return [make_classifier(config, data, config.seed + 10 * i) for i in range(config.num_classifiers)]
 
 
 def run(
@@ -460,12 +321,17 @@ def run(
     ``tail_masses`` and ``tail_mass_error`` (masses averaged over the last 20% of iterations),
     ``worst_snapshot_error`` (after the first 20%), ``min_label_ess``, ``num_resampling``,
     ``min_normalized_ess``, ``min_lineage_fraction`` (fewest distinct ancestors over a
-    lineage window, over N), and ``wall_time`` (seconds, compilation included).
+    lineage window, over N), ``wall_time`` (seconds, compilation included), and the final
+    walkers read by all ``config.num_classifiers`` classifiers (``classifiers``, the first
+    being ``classifier``; :func:`mass_readout`): ``masses_by_classifier``,
+    ``classifier_spread`` (per class; a mass error below it is not resolved by these
+    classifiers) and ``classifier_agreement`` (the weight of walkers that all label alike).
     """
     if data is None:
         data = load_data(config)
     t0 = time.perf_counter()
-    classifier = make_classifier(config, data)
+    classifiers = make_classifiers(config, data)
+    classifier = classifiers[0]
     classifier_time = time.perf_counter() - t0
     potential_fn, params0, base = make_energy(config, data.images)
     inputs = _fit_inputs(config, potential_fn, params0, base, data.images)
@@ -474,6 +340,7 @@ def run(
         "data": data,
         "truth": data.fractions,
         "classifier": classifier,
+        "classifiers": classifiers,
         "classifier_time": classifier_time,
         "base": base,
         "log_z0": base["log_z0"],
@@ -481,5 +348,5 @@ def run(
     }
     for method in config.methods:
         result, wall = _fit_method(config, method, inputs, classifier, progress)
-        out[method] = _method_entry(config, method, result, wall, classifier, data.fractions)
+        out[method] = _method_entry(config, method, result, wall, classifiers, data.fractions)
     return out

@@ -15,6 +15,12 @@ walkers can be labelled inside the training loop
 every iteration, not only at snapshots. The model's mass of class :math:`c` is estimated by
 :math:`m_c = \sum_i w_i [\hat c(X^i) = c]` (:func:`class_masses`), with the Jarzynski weights
 :math:`w` (equal weights for PCD) and the classifier's hard label :math:`\hat c`.
+
+That estimate is only as good as the labels. Walkers of a model still being trained are
+often not clean digits, and classifiers that agree on real images can split such walkers
+differently. :func:`mass_readout` reads the same walkers with several classifiers, each
+trained with its own seed, and reports how far their masses spread. A mass error smaller
+than that spread cannot be resolved with these classifiers.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-__all__ = ["DigitClassifier", "train_classifier", "train_cnn_classifier", "class_masses"]
+__all__ = ["DigitClassifier", "train_classifier", "train_cnn_classifier", "class_masses", "mass_readout"]
 
 
 @dataclasses.dataclass
@@ -179,10 +185,33 @@ def class_masses(proba: np.ndarray, log_weights: Any = None) -> np.ndarray:
     ``proba``); equal weights when ``log_weights`` is ``None``."""
     proba = np.asarray(proba)
     n, k = proba.shape
+    return np.bincount(np.argmax(proba, axis=1), weights=_normalized_weights(n, log_weights), minlength=k)
+
+
+def mass_readout(classifiers: list[DigitClassifier], images: Any, log_weights: Any = None) -> dict[str, Any]:
+    r"""The class masses of ``images`` (weighted by ``log_weights``; equal weights when
+    ``None``) read by each of ``classifiers``.
+
+    Returns ``masses_by_classifier`` (shape ``(len(classifiers), num_classes)``: the
+    :math:`m_c` of :func:`class_masses` per classifier), ``classifier_spread`` (per class, the
+    largest minus the smallest of those masses) and ``classifier_agreement`` (the weight
+    :math:`\sum_i w_i` of the images that every classifier gives the same label)."""
+    if not classifiers:
+        raise ValueError("`classifiers` must hold at least one classifier")
+    probas = [c.predict_proba(images) for c in classifiers]
+    masses = np.stack([class_masses(p, log_weights) for p in probas])
+    labels = np.stack([p.argmax(1) for p in probas])
+    alike = np.all(labels == labels[0], axis=0)
+    return {
+        "masses_by_classifier": masses,
+        "classifier_spread": masses.max(0) - masses.min(0),
+        "classifier_agreement": float(np.sum(_normalized_weights(len(alike), log_weights)[alike])),
+    }
+
+
+def _normalized_weights(n: int, log_weights: Any) -> np.ndarray:
     if log_weights is None:
-        w = np.full(n, 1.0 / n)
-    else:
-        lw = np.asarray(log_weights, np.float64)
-        w = np.exp(lw - lw.max())
-        w /= w.sum()
-    return np.bincount(np.argmax(proba, axis=1), weights=w, minlength=k)
+        return np.full(n, 1.0 / n)
+    lw = np.asarray(log_weights, np.float64)
+    w = np.exp(lw - lw.max())
+    return w / w.sum()

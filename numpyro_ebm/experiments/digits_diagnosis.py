@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         json.dump(summary, fh, indent=1)
     plot_increment_split(out["trace"], os.path.join(args.out, "increment_split.png"),
                          title=f"{config.source}, {config.num_walkers} walkers, {config.num_iterations} iterations, "
-                         f"lr {config.learning_rate} ({config.learning_rate_schedule})")
+                         f"lr {digits.peak_learning_rate(config):.4g} ({config.learning_rate_schedule})")
     print(json.dumps({k: v for k, v in summary.items() if k not in ("windows", "config")}))
     return 0
 

@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from numpyro_ebm.experiments.digits_config import peak_learning_rate
+
 if TYPE_CHECKING:
-    from numpyro_ebm.experiments.digits import DigitsConfig
+    from numpyro_ebm.experiments.digits_config import DigitsConfig
 
 __all__ = ["save_figures", "plot"]
 
@@ -76,7 +78,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     fig.suptitle(
         f"{config.source}: digits {'/'.join(map(str, classes))} at "
         f"{':'.join(map(str, data.proportions))} ({', '.join(str(n) for n in data.counts.values())} images), "
-        f"{config.num_walkers} walkers, h={config.step_size}, sgd({config.learning_rate}, "
+        f"{config.num_walkers} walkers, h={config.step_size}, sgd({peak_learning_rate(config):.4g}, "
         f"{config.learning_rate_schedule}), clip {config.clip_norm}"
         + (f", rejuvenation {config.rejuvenation_moves}" if config.rejuvenation_moves else "")
         + (f", energy penalty {config.energy_penalty}" if config.energy_penalty else "")

@@ -29,7 +29,7 @@ from numpyro_ebm.experiments.digits_classifier import (
 from numpyro_ebm.potentials import from_flax
 
 if TYPE_CHECKING:
-    from numpyro_ebm.experiments.digits import DigitsConfig
+    from numpyro_ebm.experiments.digits_config import DigitsConfig
 
 __all__ = [
     "MLPEnergy",

@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from numpyro_ebm.experiments.digits_config import peak_learning_rate
+
 if TYPE_CHECKING:
-    from numpyro_ebm.experiments.digits import DigitsConfig
+    from numpyro_ebm.experiments.digits_config import DigitsConfig
 
 __all__ = ["format_table", "summary"]
 
@@ -38,6 +40,10 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{'  last 20% mean':<28}" + "".join(f"{m:>9.3f}" for m in r["tail_masses"])
                      + f" {r['tail_mass_error']:>9.3f} {r['worst_snapshot_error']:>9.3f}")
         lines.append(f"{'  MC standard error':<28}" + "".join(f"{m:>9.3f}" for m in r["tail_mass_standard_error"]))
+        if len(results["classifiers"]) > 1:
+            lines.append(f"{'  classifier spread, final':<28}" + "".join(f"{m:>9.3f}" for m in r["classifier_spread"])
+                         + f"  (all {len(results['classifiers'])} agree on {r['classifier_agreement']:.0%} "
+                         "of the weight)")
         if method == "jarzynski":
             lines.append(f"{'  unweighted, final':<28}" + "".join(f"{m:>9.3f}" for m in r["unweighted_masses"]))
     data = results["data"]
@@ -50,6 +56,13 @@ def format_table(results: dict[str, Any]) -> str:
         "100-iteration window, over N; MC standard error: of one labelled iteration's masses, over the last "
         "20% (walkers as independent draws)"
     )
+    if len(results["classifiers"]) > 1:
+        accuracies = ", ".join(f"{c.test_accuracy:.3f}" for c in results["classifiers"])
+        lines.append(
+            f"classifier spread: largest minus smallest final mass across {len(results['classifiers'])} "
+            f"classifiers trained with different seeds (held-out accuracies {accuracies}); an error below it "
+            "is not resolved by the classifier"
+        )
     return "\n".join(lines)
 
 
@@ -60,11 +73,13 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     clf = results["classifier"]
     out = {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
+        "peak_learning_rate": peak_learning_rate(config),
         "counts": {str(c): n for c, n in data.counts.items()},
         "truth": results["truth"].tolist(),
         "classifier": {
             "kind": f"{clf.kind} over the training classes",
             "num_train": clf.num_train, "num_test": clf.num_test, "test_accuracy": clf.test_accuracy,
+            "readout_test_accuracies": [c.test_accuracy for c in results["classifiers"]],
         },
         "log_z0": results["log_z0"],
         "methods": {},
@@ -79,7 +94,8 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
                 "final_cross_entropy_estimate", "num_resampling", "min_normalized_ess",
                 "mean_normalized_ess", "snapshot_iterations", "snapshot_masses", "wall_time",
                 "tail_masses", "tail_mass_error", "worst_snapshot_error", "min_label_ess",
-                "min_lineage_fraction", "tail_mass_standard_error",
+                "min_lineage_fraction", "tail_mass_standard_error", "masses_by_classifier",
+                "classifier_spread", "classifier_agreement",
             )
         }
     return out
