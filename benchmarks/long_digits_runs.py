@@ -111,6 +111,9 @@ def jobs(mnist_dir: str, smoke: bool) -> list[tuple[str, dict]]:
         # ... and its second seed (session 14)
         ("mnist_30k_wd0_seed1_probe_jarzynski", {"kind": "run", **mnist, "seed": 1, "num_iterations": 30000,
                                                  "methods": ["jarzynski"], "weight_decay": 0.0}),
+        # ... and PCD beside them, at the defaults (seed 0; session 15)
+        ("mnist_30k_wd0_seed0_pcd", {"kind": "run", **mnist, "seed": 0, "num_iterations": 30000,
+                                     "methods": ["pcd"], "weight_decay": 0.0}),
         # half the rate over the same 20 000 iterations, both methods: does the smaller step alone
         # (half the sum of the rate) cut the mid-run error without leaving the tail unconverged?
         *[(f"digits_wd0_lr00025_{case}", {**digits_20k, "weight_decay": 0.0, "learning_rate": 0.0025,
