@@ -102,10 +102,19 @@ def _plot_masses(ax, results, config, classes):
         ax.axhline(results["truth"][j], color=f"C{j}", lw=0.8, ls="-.", alpha=0.7)
     num_iterations = config.num_iterations
     ax.axvspan(0.8 * num_iterations, num_iterations, color="0.9", zorder=0, label="last 20%")
+    title = "class masses (dash-dot: truth)"
+    num_classifiers = len(results.get("classifiers", ()))
+    if num_classifiers > 1:  # how far classifiers trained with other seeds read the final walkers
+        for k, method in enumerate(config.methods):
+            by_classifier = results[method]["masses_by_classifier"]
+            x = num_iterations * (1.0 + 0.015 * (k + 1))
+            for j in range(len(classes)):
+                ax.vlines(x, by_classifier[:, j].min(), by_classifier[:, j].max(), color=f"C{j}", lw=3)
+        title += f"\nbars: final masses read by {num_classifiers} classifiers ({', '.join(config.methods)})"
     ax.set_xlabel("training iteration")
     ax.set_ylabel("class mass among walkers")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("class masses (dash-dot: truth)", fontsize=10)
+    ax.set_title(title, fontsize=9 if num_classifiers > 1 else 10)
     ax.legend(fontsize=7, ncol=2)
 
 
