@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -122,6 +123,20 @@ def test_labels_every_few_iterations_feed_the_tail_figures():
     assert r["mass_trace"].shape == (8, 3) and np.all(np.isfinite(r["mass_trace"]))
     np.testing.assert_allclose(r["mass_trace"].sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose(r["tail_masses"], r["mass_trace"][-2:].mean(0))  # iterations 24, 28
+
+
+def test_a_run_too_short_for_a_labelled_tail_warns_and_reports_nan():
+    """Labels at iterations 0 and 20 of 30: none in the last 20% (24-29). The run says so
+    before training and its tail figures are NaN, without numpy's empty-mean warnings."""
+    config = dataclasses.replace(TINY, label_every=20, methods=("pcd",), num_classifiers=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = digits.run(config)["pcd"]
+    messages = [str(w.message) for w in caught]
+    assert any("`label_every`=20" in m and "last 20%" in m for m in messages)
+    assert not any("empty slice" in m or "invalid value" in m for m in messages)
+    assert np.all(np.isnan(r["tail_masses"])) and np.isnan(r["tail_mass_error"])
+    assert np.all(np.isfinite(r["masses"]))
 
 
 @pytest.mark.parametrize(

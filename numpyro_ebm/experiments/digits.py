@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -237,6 +238,8 @@ def _tail_figures(config: DigitsConfig, entry: dict[str, Any], truth: np.ndarray
     in_tail = iterations >= np.floor(0.8 * config.num_iterations)
     tail = entry["mass_trace"][in_tail]
     tail_se = np.asarray(label_mass_standard_error(tail, entry["label_ess_trace"][in_tail]))
+    if not in_tail.any():  # no labelled iteration there (run() has warned): NaN figures
+        tail = tail_se = np.full((1, len(truth)), np.nan)
     after = entry["snapshot_iterations"] >= 0.2 * config.num_iterations
     snapshot_errors = np.max(np.abs(entry["snapshot_masses"][after] - truth), axis=1)
     label_ess = entry["label_ess_trace"][iterations >= np.floor(0.2 * config.num_iterations)]
@@ -327,6 +330,12 @@ def run(
     ``classifier_spread`` (per class; a mass error below it is not resolved by these
     classifiers) and ``classifier_agreement`` (the weight of walkers that all label alike).
     """
+    if (config.num_iterations - 1) // config.label_every * config.label_every < np.floor(0.8 * config.num_iterations):
+        warnings.warn(
+            f"no labelled iteration falls in the last 20% of the run (`label_every`={config.label_every}, "
+            f"`num_iterations`={config.num_iterations}): the tail figures will be NaN; label more often or "
+            "run longer", UserWarning, stacklevel=2,
+        )
     if data is None:
         data = load_data(config)
     t0 = time.perf_counter()
