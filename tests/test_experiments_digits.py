@@ -125,6 +125,24 @@ def test_labels_every_few_iterations_feed_the_tail_figures():
     np.testing.assert_allclose(r["tail_masses"], r["mass_trace"][-2:].mean(0))  # iterations 24, 28
 
 
+def test_figure_without_jarzynski_shows_energy_and_gradient(tmp_path, monkeypatch):
+    """A PCD-only run has no weights to show: the panels beside the masses show the energy at
+    the data and the gradient norm (where a runaway shows), not empty axes."""
+    import matplotlib.figure
+
+    titles = []
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    results = digits.run(dataclasses.replace(TINY, methods=("pcd",), num_classifiers=1))
+    digits.plot(results, str(tmp_path / "masses.png"))
+    assert titles[1:] == ["mean energy at the data", "gradient norm before clipping"]
+
+
 def test_a_run_too_short_for_a_labelled_tail_warns_and_reports_nan():
     """Labels at iterations 0 and 20 of 30: none in the last 20% (24-29). The run says so
     before training and its tail figures are NaN, without numpy's empty-mean warnings."""

@@ -142,6 +142,8 @@ def mnist_defaults(data_dir: str | None = None) -> DigitsConfig:
     all with weight decay 0.05). No weight decay (the theory's objective, since run 9): 0.035
     / 0.063 at seeds 0 / 1 over 3 x 10^4 updates, the weights healthy (runs 9-10; the
     classifiers' reading of digits 2 and 3 on the walkers is itself uncertain by ~0.1).
+    PCD at these settings (seed 0, run 11) let the energy run away (mean data energy to
+    +12 000, gradient norm to 2.4 x 10^5) and left walkers that are not images.
     The classifier labels the walkers every 10th iteration: on 1024 28x28 images it costs
     about as much as the training step (74 ms against ~100 ms on a 2-core CPU), and the
     masses of consecutive iterations barely differ (the tail average over the last 6000

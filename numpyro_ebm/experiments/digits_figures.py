@@ -57,7 +57,9 @@ def save_figures(results: dict[str, Any], directory: str, prefix: str = "digits"
 def plot(results: dict[str, Any], path: str) -> None:
     """Save a PNG: the class masses over training per method (every iteration, from the
     classifier in the loop) against the truth; the Jarzynski walkers' health (ESS/N, distinct
-    lineages over N, resamplings, the step size); and the Jarzynski cross-entropy estimate."""
+    lineages over N, resamplings, the step size); and the Jarzynski cross-entropy estimate.
+    Without a Jarzynski run, the last two panels show each method's mean energy at the data
+    and gradient norm (before clipping), where an energy that runs away shows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,15 +74,18 @@ def plot(results: dict[str, Any], path: str) -> None:
         ce = results["jarzynski"]["cross_entropy"]
         axes[2].plot(np.arange(len(ce)), ce, color="C0", lw=0.8)
         axes[2].set_ylabel("Jarzynski cross-entropy estimate (nats)")
+        axes[2].set_title("cross-entropy estimate (Jarzynski)", fontsize=10)
+    else:
+        _plot_training_signals(axes[1:], results, config)
     axes[2].set_xlabel("training iteration")
-    axes[2].set_title("cross-entropy estimate (Jarzynski)", fontsize=10)
     data = results["data"]
     fig.suptitle(
         f"{config.source}: digits {'/'.join(map(str, classes))} at "
         f"{':'.join(map(str, data.proportions))} ({', '.join(str(n) for n in data.counts.values())} images), "
         f"{config.num_walkers} walkers, h={config.step_size}, sgd({peak_learning_rate(config):.4g}, "
         f"{config.learning_rate_schedule}), clip {config.clip_norm}"
-        + (f", rejuvenation {config.rejuvenation_moves}" if config.rejuvenation_moves else "")
+        + (f", rejuvenation {config.rejuvenation_moves}"
+           if config.rejuvenation_moves and "jarzynski" in config.methods else "")
         + (f", energy penalty {config.energy_penalty}" if config.energy_penalty else "")
         + (f", data noise {config.noise_std} x{config.noise_copies}" if config.noise_std > 0 else ""),
         fontsize=10,
@@ -116,6 +121,19 @@ def _plot_masses(ax, results, config, classes):
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title, fontsize=9 if num_classifiers > 1 else 10)
     ax.legend(fontsize=7, ncol=2)
+
+
+def _plot_training_signals(axes, results, config):
+    for method in config.methods:
+        trace = results[method]["result"].trace
+        iterations = np.arange(len(trace["data_energy"]))
+        axes[0].plot(iterations, trace["data_energy"], lw=0.8, label=method)
+        axes[1].semilogy(iterations, trace["grad_norm"], lw=0.8, label=method)
+    axes[0].set_title("mean energy at the data", fontsize=10)
+    axes[1].set_title("gradient norm before clipping", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("training iteration")
+        ax.legend(fontsize=7)
 
 
 def _plot_health(ax, trace, num_walkers):
