@@ -59,12 +59,12 @@ def main() -> int:
     data = digits.load_data(config)
     seeds = ([int(s) for s in args.classifier_seeds.split(",")] if args.classifier_seeds
              else [args.seed, args.seed + 10, args.seed + 20])
-    rows, labels, classifiers = [], [], []
+    rows, labels, probas = [], [], []
     for seed in seeds:
         clf = train(data.rest_images, data.rest_labels, data.classes,
                     test_fraction=config.classifier_test_fraction, seed=seed)
-        classifiers.append(clf)
         proba = clf.predict_proba(x)
+        probas.append(proba)
         labels.append(proba.argmax(1))
         rows.append({"classifier_seed": seed, "test_accuracy": clf.test_accuracy,
                      "subset_masses": class_masses(clf.predict_proba(np.asarray(data.images))).tolist(),
@@ -73,7 +73,7 @@ def main() -> int:
         print(json.dumps(rows[-1]), flush=True)
     labels = np.stack(labels)
     agree = np.all(labels == labels[0], axis=0)
-    readout = mass_readout(classifiers, x, log_w)
+    readout = mass_readout(probas, log_w)
     summary = {"walkers": args.walkers, "seed": args.seed, "classes": list(data.classes),
                "truth": (np.array(data.proportions) / np.sum(data.proportions)).tolist(),
                "classifiers": rows, "fraction_agreeing": float(agree.mean()),

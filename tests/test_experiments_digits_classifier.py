@@ -54,13 +54,14 @@ def test_mass_readout_spread_and_agreement_are_exact():
     rows = np.arange(4, dtype=np.float32)[:, None]
     classifiers = [_fixed([0, 1, 2, 0]), _fixed([0, 0, 2, 0]), _fixed([0, 1, 2, 1])]
     w = np.array([0.1, 0.2, 0.3, 0.4])
-    out = dc.mass_readout(classifiers, rows, np.log(w) - 3.0)
+    probas = [c.predict_proba(rows) for c in classifiers]
+    out = dc.mass_readout(probas, np.log(w) - 3.0)
     expected = np.array([[0.5, 0.2, 0.3], [0.7, 0.0, 0.3], [0.1, 0.6, 0.3]])
     np.testing.assert_allclose(out["masses_by_classifier"], expected, atol=1e-12)
     np.testing.assert_allclose(out["classifier_spread"], [0.6, 0.6, 0.0], atol=1e-12)
     assert out["classifier_agreement"] == pytest.approx(0.4)
-    equal = dc.mass_readout(classifiers, rows)  # equal weights
+    equal = dc.mass_readout(probas)  # equal weights
     assert equal["classifier_agreement"] == pytest.approx(0.5)
     np.testing.assert_allclose(equal["masses_by_classifier"][0], [0.5, 0.25, 0.25])
-    with pytest.raises(ValueError, match="`classifiers`"):
-        dc.mass_readout([], rows)
+    with pytest.raises(ValueError, match="`probas`"):
+        dc.mass_readout([])

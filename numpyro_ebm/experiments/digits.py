@@ -259,7 +259,8 @@ def _method_entry(config: DigitsConfig, method: str, result: FitResult, wall: fl
     weighted = method == "jarzynski"
     particles = np.asarray(result.state.particles)
     log_weights = np.asarray(result.state.log_weights) if weighted else None
-    proba = classifier.predict_proba(particles)
+    probas = [c.predict_proba(particles) for c in classifiers]
+    proba = probas[0]
     masses = class_masses(proba, log_weights)
     w = np.full(len(particles), 1.0 / len(particles)) if log_weights is None else np.exp(log_weights)
     trace = result.trace
@@ -279,7 +280,7 @@ def _method_entry(config: DigitsConfig, method: str, result: FitResult, wall: fl
         "final_data_energy": float(trace["data_energy"][-1]),
         "wall_time": wall,
     }
-    entry.update(mass_readout(classifiers, particles, log_weights))
+    entry.update(mass_readout(probas, log_weights))
     entry.update(_tail_figures(config, entry, truth))
     if weighted:
         entry["cross_entropy"] = np.asarray(trace["cross_entropy"])

@@ -18,8 +18,8 @@ every iteration, not only at snapshots. The model's mass of class :math:`c` is e
 
 That estimate is only as good as the labels. Walkers of a model still being trained are
 often not clean digits, and classifiers that agree on real images can split such walkers
-differently. :func:`mass_readout` reads the same walkers with several classifiers, each
-trained with its own seed, and reports how far their masses spread. A mass error smaller
+differently. :func:`mass_readout` takes the same walkers' class probabilities from several
+classifiers, each trained with its own seed, and reports how far their masses spread. A mass error smaller
 than that spread cannot be resolved with these classifiers.
 """
 
@@ -188,17 +188,17 @@ def class_masses(proba: np.ndarray, log_weights: Any = None) -> np.ndarray:
     return np.bincount(np.argmax(proba, axis=1), weights=_normalized_weights(n, log_weights), minlength=k)
 
 
-def mass_readout(classifiers: list[DigitClassifier], images: Any, log_weights: Any = None) -> dict[str, Any]:
-    r"""The class masses of ``images`` (weighted by ``log_weights``; equal weights when
-    ``None``) read by each of ``classifiers``.
+def mass_readout(probas: list[np.ndarray], log_weights: Any = None) -> dict[str, Any]:
+    r"""The class masses of the same images (weighted by ``log_weights``; equal weights when
+    ``None``) as each classifier reads them: ``probas[j]`` is classifier ``j``'s
+    :meth:`DigitClassifier.predict_proba` of the images.
 
     Returns ``masses_by_classifier`` (shape ``(len(classifiers), num_classes)``: the
     :math:`m_c` of :func:`class_masses` per classifier), ``classifier_spread`` (per class, the
     largest minus the smallest of those masses) and ``classifier_agreement`` (the weight
     :math:`\sum_i w_i` of the images that every classifier gives the same label)."""
-    if not classifiers:
-        raise ValueError("`classifiers` must hold at least one classifier")
-    probas = [c.predict_proba(images) for c in classifiers]
+    if not len(probas):
+        raise ValueError("`probas` must hold the probabilities of at least one classifier")
     masses = np.stack([class_masses(p, log_weights) for p in probas])
     labels = np.stack([p.argmax(1) for p in probas])
     alike = np.all(labels == labels[0], axis=0)
