@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 
 import numpy as np
@@ -33,6 +34,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, required=True, help="the job's seed (it draws the subset)")
     parser.add_argument("--method", default="jarzynski")
     parser.add_argument("--classifier-seeds", default=None, help="comma list (default: seed, seed+10, seed+20)")
+    parser.add_argument("--classifier-noise", type=float, default=None,
+                        help="pixel noise of the classifiers' training augmentation (default: the "
+                        "experiment's, 0.1 for the CNN); e.g. the data noise of a job fitted to noisy copies")
     parser.add_argument("--out", required=True, help="prefix of the .json and .png written")
     args = parser.parse_args()
     if args.source == "mnist" and not args.mnist_dir:
@@ -56,6 +60,10 @@ def main() -> int:
     base = digits.mnist_defaults(args.mnist_dir) if args.source == "mnist" else digits.DigitsConfig()
     config = dataclasses.replace(base, seed=args.seed, classes=tuple(int(c) for c in args.classes.split(",")))
     train = train_cnn_classifier if config.classifier == "cnn" else train_classifier
+    if args.classifier_noise is not None:
+        if config.classifier != "cnn":
+            parser.error("--classifier-noise applies to the MNIST CNN only")
+        train = functools.partial(train_cnn_classifier, noise_std=args.classifier_noise)
     data = digits.load_data(config)
     seeds = ([int(s) for s in args.classifier_seeds.split(",")] if args.classifier_seeds
              else [args.seed, args.seed + 10, args.seed + 20])
@@ -76,7 +84,7 @@ def main() -> int:
     readout = mass_readout(probas, log_w)
     summary = {"walkers": args.walkers, "seed": args.seed, "classes": list(data.classes),
                "truth": (np.array(data.proportions) / np.sum(data.proportions)).tolist(),
-               "classifiers": rows, "fraction_agreeing": float(agree.mean()),
+               "classifier_noise": args.classifier_noise, "classifiers": rows, "fraction_agreeing": float(agree.mean()),
                "weight_disagreeing": 1.0 - readout["classifier_agreement"],
                "walker_mass_spread": readout["classifier_spread"].tolist()}
     with open(args.out + ".json", "w") as fh:
