@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Several jobs of long_digits_runs.py at once on one machine (each in its own process, its own
-# output folder and log), for a lease of a GPU whose launch-bound jobs leave it mostly idle.
+# output folder and log): on a lent GPU, jobs side by side instead of one after another.
 # Every 30 s and at the end the results (JSON, PNG, logs) are packed into ARCHIVE, and the saved
 # walkers into ARCHIVE with "_walkers" before ".tar.gz", so that a run cut short still returns
 # every job that finished.
