@@ -236,9 +236,10 @@ def _tail_figures(config: DigitsConfig, entry: dict[str, Any], truth: np.ndarray
     class over the tail, smaller when they do)."""
     iterations = entry["mass_trace_iterations"]
     in_tail = iterations >= np.floor(0.8 * config.num_iterations)
-    tail = entry["mass_trace"][in_tail]
-    tail_se = np.asarray(label_mass_standard_error(tail, entry["label_ess_trace"][in_tail]))
-    if not in_tail.any():  # no labelled iteration there (run() has warned): NaN figures
+    if in_tail.any():
+        tail = entry["mass_trace"][in_tail]
+        tail_se = np.asarray(label_mass_standard_error(tail, entry["label_ess_trace"][in_tail]))
+    else:  # no labelled iteration there (run() has warned): NaN figures
         tail = tail_se = np.full((1, len(truth)), np.nan)
     after = entry["snapshot_iterations"] >= 0.2 * config.num_iterations
     snapshot_errors = np.max(np.abs(entry["snapshot_masses"][after] - truth), axis=1)

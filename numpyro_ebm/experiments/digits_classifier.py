@@ -19,8 +19,8 @@ every iteration, not only at snapshots. The model's mass of class :math:`c` is e
 That estimate is only as good as the labels. Walkers of a model still being trained are
 often not clean digits, and classifiers that agree on real images can split such walkers
 differently. :func:`mass_readout` takes the same walkers' class probabilities from several
-classifiers, each trained with its own seed, and reports how far their masses spread. A mass error smaller
-than that spread cannot be resolved with these classifiers.
+classifiers, each trained with its own seed, and reports how far their masses spread. A
+mass error smaller than that spread cannot be resolved with these classifiers.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def mass_readout(probas: list[np.ndarray], log_weights: Any = None) -> dict[str,
     ``None``) as each classifier reads them: ``probas[j]`` is classifier ``j``'s
     :meth:`DigitClassifier.predict_proba` of the images.
 
-    Returns ``masses_by_classifier`` (shape ``(len(classifiers), num_classes)``: the
+    Returns ``masses_by_classifier`` (shape ``(len(probas), num_classes)``: the
     :math:`m_c` of :func:`class_masses` per classifier), ``classifier_spread`` (per class, the
     largest minus the smallest of those masses) and ``classifier_agreement`` (the weight
     :math:`\sum_i w_i` of the images that every classifier gives the same label)."""
